@@ -1,0 +1,41 @@
+# The two commands the README promises:
+#   make demo   - set up and run the local end-to-end demo
+#   make test   - set up and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Parallel workers for the test suite; 2 cores on the reference machine.
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup binaries lint typecheck test unit demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dptr needs Python 3.11+"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Builds kube-apiserver & co. from upstream Go modules into ~/.cache/dptr
+# (only when missing).
+binaries: setup
+	$(VENV)/bin/dptr-testbed build
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup binaries lint
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+unit: setup
+	$(VENV)/bin/pytest -m 'not cluster'
+
+demo: setup binaries
+	$(VENV)/bin/dptr-testbed demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""dptr_common."""

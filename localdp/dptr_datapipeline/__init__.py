@@ -1,0 +1,1 @@
+"""dptr_datapipeline: a local AWS Data Pipeline service (in progress)."""

@@ -1,0 +1,106 @@
+"""Suite-wide fixtures.
+
+The test bed (a real control plane plus kubelet stand-ins) is expensive to
+start, so one bed serves the whole run. Under pytest-xdist the first worker
+to ask starts it as a detached ``dptr-testbed up`` process and the others
+attach; the controller process stops it when the session ends. Tests that
+break the bed on purpose (API server restarts, lost nodes) start their own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dptr_testbed.controlplane import RunningTestbed
+
+
+def _shared_root(factory: pytest.TempPathFactory, config: pytest.Config) -> Path:
+    base = factory.getbasetemp()
+    # Workers get per-worker base temps below one per-run directory.
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+def _bed_dir(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
+    return _shared_root(factory, config) / "testbed"
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> RunningTestbed:
+    state = _bed_dir(pytestconfig, tmp_path_factory)
+    lock_path = state.parent / "testbed.lock"
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (state / "testbed.json").exists():
+            state.mkdir(parents=True, exist_ok=True)
+            log = (state.parent / "testbed-up.log").open("ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dptr_testbed.cli", "up", "--state-dir", str(state), "--no-kubelet"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            (state.parent / "testbed.pid").write_text(str(proc.pid))
+            deadline = time.monotonic() + 300
+            while not (state / "testbed.json").exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        "the test bed failed to start:\n"
+                        + (state.parent / "testbed-up.log").read_text()[-4000:]
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test bed did not start within 300s")
+                time.sleep(0.5)
+    return RunningTestbed.attach(state)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Only the controller (or a plain, non-xdist run) owns the bed's lifetime.
+    if hasattr(session.config, "workerinput"):
+        return
+    factory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    root = factory.getbasetemp()
+    for pid_file in (root / "testbed.pid", *root.glob("*/testbed.pid")):
+        if pid_file.exists():
+            _stop(int(pid_file.read_text()))
+            pid_file.unlink()
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            # Reap it if this process started it, or kill(0) sees a zombie.
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def namespace(testbed: RunningTestbed, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting)."""
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + "-" + os.urandom(3).hex()
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
+    testbed.kubectl("create", "namespace", name)
+    yield name
+    testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
