@@ -1,0 +1,404 @@
+"""pydantic models of the ``dptr.dev/v1alpha1`` custom resources.
+
+They mirror ``charts/dptr/crds/*.yaml`` (same names, same defaults: a unit test compares
+them) so that the operator and the sidecar read a CR once, at the boundary, with
+``TaskRunner.from_k8s(obj)`` / ``PipelineTask.from_k8s(obj)`` and work on typed values
+after that.  Field names are snake_case in Python and camelCase on the wire
+(``populate_by_name`` accepts both); ``to_k8s()`` gives the wire form back.
+
+Pass-through Kubernetes types the operator never interprets (resources, tolerations,
+env, security contexts) stay plain dicts: they are copied into the Job as given, and the
+apiserver validates them there.
+
+Unknown fields are ignored rather than rejected: the apiserver already prunes them, and an
+older operator must keep working against a newer CRD.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from dptr_common.task import Task, TaskField
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "PIPELINE_TASK_KIND",
+    "PIPELINE_TASK_PLURAL",
+    "TASK_RUNNER_KIND",
+    "TASK_RUNNER_PLURAL",
+    "VERSION",
+    "Activity",
+    "CamelModel",
+    "Canceled",
+    "Condition",
+    "Credentials",
+    "Heartbeat",
+    "HeartbeatSpec",
+    "HistoryLimits",
+    "ImagePolicy",
+    "JobTemplate",
+    "ObjectMeta",
+    "PipelineTask",
+    "PipelineTaskSpec",
+    "PipelineTaskStatus",
+    "Report",
+    "SecretRef",
+    "TaskCounts",
+    "TaskRunner",
+    "TaskRunnerSpec",
+    "TaskRunnerStatus",
+    "image_allowed",
+    "utcnow",
+]
+
+GROUP = "dptr.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+TASK_RUNNER_KIND = "TaskRunner"
+TASK_RUNNER_PLURAL = "taskrunners"
+PIPELINE_TASK_KIND = "PipelineTask"
+PIPELINE_TASK_PLURAL = "pipelinetasks"
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Canceled", "Lost"]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Canceled", "Lost"})
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, to the second (Kubernetes timestamps carry no fractions)."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class CamelModel(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, JSON types, unset optionals left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ObjectMeta(CamelModel):
+    """The parts of ``metadata`` dptr uses."""
+
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    creation_timestamp: datetime | None = None
+    deletion_timestamp: datetime | None = None
+
+
+class Condition(CamelModel):
+    """A standard ``metav1.Condition``."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = "Unknown"
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+def _owner_reference(api_version: str, kind: str, meta: ObjectMeta) -> dict[str, Any]:
+    if not meta.uid:
+        raise ValueError(f"{kind} {meta.name!r} has no uid; it must come from the API server")
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": meta.name,
+        "uid": meta.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+# --------------------------------------------------------------------------- TaskRunner
+
+
+class SecretRef(CamelModel):
+    """A Secret in the TaskRunner's namespace holding static AWS keys."""
+
+    name: str = Field(min_length=1, max_length=253)
+    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+
+
+class Credentials(CamelModel):
+    """Where Data Pipeline credentials come from."""
+
+    mode: Literal["Secret", "PodIdentity"] = "PodIdentity"
+    secret_ref: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _secret_ref_iff_secret_mode(self) -> Self:
+        # Mirrors the CRD's CEL rule, for objects that did not pass through admission.
+        if (self.mode == "Secret") != (self.secret_ref is not None):
+            raise ValueError("credentials.secretRef is required when mode is Secret, and only then")
+        return self
+
+
+class HeartbeatSpec(CamelModel):
+    """ReportTaskProgress pacing (see :mod:`dptr_common.pacing`)."""
+
+    budget_per_second: float = Field(default=8.0, gt=0, le=100)
+    base_interval_seconds: int = Field(default=60, ge=10, le=3600)
+
+
+class JobTemplate(CamelModel):
+    """What every task's Job starts from."""
+
+    image: str = Field(min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    service_account_name: str | None = None
+    resources: dict[str, Any] | None = None
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = []
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    pod_security_context: dict[str, Any] | None = None
+    container_security_context: dict[str, Any] | None = None
+
+
+def image_allowed(image: str, allowed_images: list[str]) -> bool:
+    """Exact match, or prefix match for a pattern ending in ``*`` (``repo/team/*``)."""
+    for pattern in allowed_images:
+        if pattern.endswith("*"):
+            if image.startswith(pattern[:-1]):
+                return True
+        elif image == pattern:
+            return True
+    return False
+
+
+class ImagePolicy(CamelModel):
+    """Images a task may choose with its ``myImage`` field."""
+
+    allowed_images: list[str] = []
+
+    @field_validator("allowed_images")
+    @classmethod
+    def _star_only_at_end(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern or "*" in pattern[:-1]:
+                raise ValueError(f"allowedImages entry {pattern!r}: '*' is only allowed at the end")
+        return value
+
+    def allows(self, image: str) -> bool:
+        return image_allowed(image, self.allowed_images)
+
+
+class HistoryLimits(CamelModel):
+    """How many finished PipelineTasks (with their Jobs) to keep."""
+
+    succeeded: int = Field(default=10, ge=0)
+    failed: int = Field(default=20, ge=0)
+
+
+class TaskRunnerSpec(CamelModel):
+    worker_group: str = Field(min_length=1, max_length=1024)
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    s3_endpoint_url: str | None = None
+    credentials: Credentials = Field(default_factory=Credentials)
+    max_concurrent_tasks: int = Field(default=10, ge=1, le=10000)
+    pollers: int = Field(default=2, ge=1, le=16)
+    paused: bool = False
+    heartbeat: HeartbeatSpec = Field(default_factory=HeartbeatSpec)
+    job_template: JobTemplate
+    image_policy: ImagePolicy = Field(default_factory=ImagePolicy)
+    pass_data_pipeline_credentials: bool = False
+    history_limits: HistoryLimits = Field(default_factory=HistoryLimits)
+    sidecar_image: str | None = None
+
+    @field_validator("worker_group")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("workerGroup must not be blank")
+        return value
+
+    @field_validator("endpoint_url", "s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"{value!r} is not an absolute http(s) URL")
+        return value
+
+
+class TaskCounts(CamelModel):
+    polled: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+class TaskRunnerStatus(CamelModel):
+    conditions: list[Condition] = []
+    active: int = 0
+    #: "active/maxConcurrentTasks", shown by the Active printer column (JSONPath cannot compute it).
+    active_summary: str | None = None
+    taskrunner_id: str | None = None
+    last_poll_time: datetime | None = None
+    heartbeat_interval_seconds: int | None = None
+    counts: TaskCounts = Field(default_factory=TaskCounts)
+    observed_generation: int | None = None
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class TaskRunner(CamelModel):
+    api_version: str = API_VERSION
+    kind: str = TASK_RUNNER_KIND
+    metadata: ObjectMeta
+    spec: TaskRunnerSpec
+    status: TaskRunnerStatus = Field(default_factory=TaskRunnerStatus)
+
+    @classmethod
+    def from_k8s(cls, obj: dict[str, Any]) -> TaskRunner:
+        """Parse a TaskRunner as the API returns it (raises pydantic.ValidationError)."""
+        return cls.model_validate(obj)
+
+    def owner_reference(self) -> dict[str, Any]:
+        """An ownerReference to this TaskRunner, for its PipelineTasks."""
+        return _owner_reference(API_VERSION, TASK_RUNNER_KIND, self.metadata)
+
+
+# --------------------------------------------------------------------------- PipelineTask
+
+
+class Activity(CamelModel):
+    component_id: str | None = None
+    instance_id: str | None = None
+
+
+class PipelineTaskSpec(CamelModel):
+    """What was polled: immutable once created."""
+
+    task_runner: str = Field(min_length=1)
+    task_id: str = Field(min_length=1, max_length=2048)
+    pipeline_id: str = Field(min_length=1, max_length=1024)
+    attempt_id: str = Field(min_length=1, max_length=1024)
+    object_type: str | None = None
+    activity: Activity = Field(default_factory=Activity)
+    #: The attempt object's string fields: key -> values in their original order.
+    fields: dict[str, list[str]] = {}
+    #: The attempt object's reference fields (refValue): key -> referenced object ids.
+    refs: dict[str, list[str]] = {}
+    report_progress_timeout_seconds: int | None = None
+    attempt_timeout_seconds: int | None = None
+    polled_at: datetime | None = None
+    polled_by: str | None = None
+
+    @classmethod
+    def from_task(
+        cls, task: Task, *, task_runner: str, polled_by: str | None = None, polled_at: datetime | None = None
+    ) -> PipelineTaskSpec:
+        strings, refs = task.fields_map()
+        return cls(
+            task_runner=task_runner,
+            task_id=task.task_id,
+            pipeline_id=task.pipeline_id,
+            attempt_id=task.attempt_id,
+            object_type=task.object_type,
+            activity=Activity(component_id=task.component_id, instance_id=task.instance_id),
+            fields=strings,
+            refs=refs,
+            report_progress_timeout_seconds=task.report_progress_timeout_seconds,
+            attempt_timeout_seconds=task.attempt_timeout_seconds,
+            polled_at=polled_at or utcnow(),
+            polled_by=polled_by,
+        )
+
+    def to_task(self) -> Task:
+        """Rebuild the :class:`Task` (e.g. after an operator restart); re-validates fields.
+
+        The interleaving of string and ref values under one key is not kept (no
+        activity field mixes them); the order within each kind is.
+        """
+        fields = [TaskField(key=k, string_value=v) for k, vs in self.fields.items() for v in vs]
+        fields += [TaskField(key=k, ref_value=v) for k, vs in self.refs.items() for v in vs]
+        return Task.from_fields(
+            task_id=self.task_id, pipeline_id=self.pipeline_id, attempt_id=self.attempt_id, fields=fields
+        )
+
+
+class Heartbeat(CamelModel):
+    """Who heartbeats the task now, and how it went last time."""
+
+    owner: Literal["operator", "sidecar"] = "operator"
+    last_at: datetime | None = None
+    last_error: str | None = None
+    by: str | None = None
+
+
+class Report(CamelModel):
+    """The SetTaskStatus ledger entry: claimed first (optimistic write), then reported."""
+
+    claimed_by: str | None = None
+    claimed_at: datetime | None = None
+    status: Literal["FINISHED", "FAILED", "FALSE"] | None = None
+    error_id: str | None = None
+    error_message: str | None = None
+    reported_at: datetime | None = None
+    reported_by: str | None = None
+
+
+class Canceled(CamelModel):
+    at: datetime | None = None
+    by: str | None = None
+    reason: str | None = None
+
+
+class PipelineTaskStatus(CamelModel):
+    phase: Phase = "Pending"
+    job_name: str | None = None
+    pod_name: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    acknowledged_at: datetime | None = None
+    heartbeat: Heartbeat | None = None
+    report: Report | None = None
+    canceled: Canceled | None = None
+    conditions: list[Condition] = []
+    message: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    @property
+    def reported(self) -> bool:
+        return self.report is not None and self.report.reported_at is not None
+
+
+class PipelineTask(CamelModel):
+    api_version: str = API_VERSION
+    kind: str = PIPELINE_TASK_KIND
+    metadata: ObjectMeta
+    spec: PipelineTaskSpec
+    status: PipelineTaskStatus = Field(default_factory=PipelineTaskStatus)
+
+    @classmethod
+    def from_k8s(cls, obj: dict[str, Any]) -> PipelineTask:
+        """Parse a PipelineTask as the API returns it (raises pydantic.ValidationError)."""
+        return cls.model_validate(obj)
+
+    def owner_reference(self) -> dict[str, Any]:
+        """An ownerReference to this PipelineTask, for its Job."""
+        return _owner_reference(API_VERSION, PIPELINE_TASK_KIND, self.metadata)

@@ -1,0 +1,420 @@
+"""Render the Kubernetes Job for a task: a pure function of (task, TaskRunner).
+
+The pod has up to three containers:
+
+``dptr-sidecar`` (native sidecar: an init container with ``restartPolicy: Always``)
+    Starts first and keeps running beside the task: heartbeats, honours cancels and
+    reports the task container's exit with SetTaskStatus.  Configured only through
+    env and the downward API.  It alone mounts a Kubernetes API token.
+``dptr-fetch-script`` (init container, only for ``scriptUri``)
+    ``dptr-sidecar fetch-script`` downloads ``$DPTR_SCRIPT_URI`` to
+    ``$DPTR_SCRIPT_PATH`` (mode 0755) in an emptyDir.  It runs after the sidecar has
+    started, so the task is heartbeated while the script downloads.
+``task``
+    The user's work.  ``command`` runs as ``/bin/sh -c <command> dptr-task <args...>``
+    so ``scriptArgument`` values are ``$1``, ``$2``... exactly as given (never re-split
+    by a shell); a script runs as ``/bin/sh -c 'exec "$0" "$@"' /dptr/script/script <args...>``,
+    which honours its ``#!`` line and falls back to ``sh`` without one.
+
+Environment of the ``task`` container (documented contract):
+
+=====================  ==============================================================
+DPTR_PIPELINE_ID       the pipeline id (``df-...``)
+DPTR_ATTEMPT_ID        the attempt object's id
+DPTR_OBJECT_TYPE       ``ShellCommandActivity`` or ``ShellCommandPrecondition``
+DPTR_COMPONENT_ID      the activity's component id (``@componentParent``), if any
+DPTR_INSTANCE_ID       the instance id (``@instanceParent``), if any
+DPTR_TASK_RUNNER       the TaskRunner's name
+DPTR_FIELD_<key>       each ``my*`` field (key as written, non ``[A-Za-z0-9_]`` -> ``_``);
+                       several values are joined with newlines
+DPTR_FIELDS_JSON       all ``my*`` fields as a JSON object of key -> list of values
+=====================  ==============================================================
+
+The taskId is deliberately absent: whoever holds it can report the task's outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from dptr_common import naming
+from dptr_common.errors import TaskError
+from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, TaskRunner
+from dptr_common.task import SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
+
+__all__ = [
+    "FETCH_CONTAINER",
+    "RUN_AS_USER",
+    "SCRIPT_DIR",
+    "SCRIPT_PATH",
+    "SIDECAR_CONTAINER",
+    "SUPPORTED_TYPES",
+    "TASK_CONTAINER",
+    "TOKEN_MOUNT_PATH",
+    "TOKEN_VOLUME",
+    "choose_image",
+    "render_job",
+    "task_argv",
+]
+
+SUPPORTED_TYPES = frozenset({SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION})
+
+TASK_CONTAINER = "task"
+SIDECAR_CONTAINER = "dptr-sidecar"
+FETCH_CONTAINER = "dptr-fetch-script"
+SCRIPT_VOLUME = "dptr-script"
+SCRIPT_DIR = "/dptr/script"
+SCRIPT_PATH = f"{SCRIPT_DIR}/script"
+SIDECAR_TMP_VOLUME = "dptr-sidecar-tmp"
+TOKEN_VOLUME = "dptr-kube-api-access"
+#: Where client libraries look for in-cluster credentials (the default automount path).
+TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: Non-root uid/gid for all containers unless the TaskRunner overrides it (65532 = "nonroot").
+RUN_AS_USER = 65532
+#: Time the sidecar has, after SIGTERM, to see the task's final status and report it.
+TERMINATION_GRACE_SECONDS = 30
+_TOKEN_EXPIRATION_SECONDS = 3607  # what kubelet uses for the default automounted token
+_SHELL_NAME = "dptr-task"  # $0 of the shell running `command`; names it in error messages
+
+_ENV_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _restricted_container_security(*, read_only_root: bool) -> dict[str, Any]:
+    # The "restricted" Pod Security Standard, per container, so it holds even if a pod-level
+    # override is loosened.  The uid is set once, on the pod, so a podSecurityContext
+    # override of runAsUser applies to every container.
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": read_only_root,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(name: str, value: str) -> dict[str, Any]:
+    return {"name": name, "value": value}
+
+
+def _field_env(name: str, field_path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
+
+
+def _credential_env(runner: TaskRunner) -> list[dict[str, Any]]:
+    """Static keys from the Secret (mode Secret); PodIdentity needs no env of ours."""
+    ref = runner.spec.credentials.secret_ref
+    if runner.spec.credentials.mode != "Secret" or ref is None:
+        return []
+    return [
+        {
+            "name": "AWS_ACCESS_KEY_ID",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}},
+        },
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}},
+        },
+    ]
+
+
+def choose_image(task: Task, runner: TaskRunner) -> str:
+    """The TaskRunner's image, or the task's ``myImage`` if the allow-list permits it."""
+    if task.my_image is None:
+        return runner.spec.job_template.image
+    if runner.spec.image_policy.allows(task.my_image):
+        return task.my_image
+    raise TaskError(
+        "dptr.ImageNotAllowed",
+        f"myImage {task.my_image!r} is not in imagePolicy.allowedImages of TaskRunner {runner.metadata.name}",
+    )
+
+
+def task_argv(task: Task) -> list[str]:
+    """The task container's command line; raises TaskError for what cannot run."""
+    if task.object_type not in SUPPORTED_TYPES:
+        raise TaskError(
+            "dptr.UnknownActivityType",
+            f"object type {task.object_type!r} is not supported; dptr runs "
+            + " and ".join(sorted(SUPPORTED_TYPES)),
+        )
+    command = task.command if task.command and task.command.strip() else None
+    if command and task.script_uri:
+        raise TaskError("dptr.InvalidTask.CommandAndScriptUri", "give either command or scriptUri, not both")
+    if command:
+        return ["/bin/sh", "-c", command, _SHELL_NAME, *task.script_arguments]
+    if task.script_uri:
+        if not re.match(r"^s3://[^/\s]+/\S", task.script_uri):
+            raise TaskError(
+                "dptr.InvalidTask.BadScriptUri",
+                f"scriptUri {task.script_uri!r} is not an s3://bucket/key URI",
+            )
+        return ["/bin/sh", "-c", 'exec "$0" "$@"', SCRIPT_PATH, *task.script_arguments]
+    raise TaskError("dptr.InvalidTask.NoCommand", f"the {task.object_type} has neither command nor scriptUri")
+
+
+def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """Accept the PipelineTask object itself or a ready ownerReference."""
+    meta = owner.get("metadata", owner)
+    name, uid = meta.get("name"), meta.get("uid")
+    if not name or not uid:
+        raise ValueError("owner must be the PipelineTask (or its ownerReference) with a name and a uid")
+    return {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner.get("kind", PIPELINE_TASK_KIND),
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _heartbeat_interval(task: Task, runner: TaskRunner) -> int:
+    # The operator publishes the paced interval in the TaskRunner status; the env is the
+    # sidecar's starting value.  Never more than a third of this task's own timeout.
+    interval = runner.status.heartbeat_interval_seconds or runner.spec.heartbeat.base_interval_seconds
+    if task.report_progress_timeout_seconds:
+        interval = min(interval, max(math.floor(task.report_progress_timeout_seconds / 3), 1))
+    return interval
+
+
+def _task_env(task: Task, runner: TaskRunner) -> list[dict[str, Any]]:
+    ours: list[dict[str, Any]] = [
+        _env("DPTR_PIPELINE_ID", task.pipeline_id),
+        _env("DPTR_ATTEMPT_ID", task.attempt_id),
+        _env("DPTR_OBJECT_TYPE", task.object_type),
+    ]
+    if task.component_id:
+        ours.append(_env("DPTR_COMPONENT_ID", task.component_id))
+    if task.instance_id:
+        ours.append(_env("DPTR_INSTANCE_ID", task.instance_id))
+    ours.append(_env("DPTR_TASK_RUNNER", runner.metadata.name))
+    custom = task.custom_fields
+    for key, values in custom.items():
+        name = "DPTR_FIELD_" + _ENV_NAME_UNSAFE.sub("_", key)
+        if all(e["name"] != name for e in ours):  # two keys that clean to one name: first wins
+            ours.append(_env(name, "\n".join(values)))
+    ours.append(_env("DPTR_FIELDS_JSON", json.dumps(custom, separators=(",", ":"), ensure_ascii=False)))
+    if runner.spec.pass_data_pipeline_credentials:
+        ours += _credential_env(runner)
+        ours.append(_env("DPTR_REGION", runner.spec.region))
+        if runner.spec.endpoint_url:
+            ours.append(_env("DPTR_ENDPOINT_URL", runner.spec.endpoint_url))
+    # The template's env comes first (it may be referenced as $(VAR)), minus names we set.
+    taken = {e["name"] for e in ours}
+    return [e for e in runner.spec.job_template.env if e.get("name") not in taken] + ours
+
+
+def _sidecar(task: Task, runner: TaskRunner, image: str, pipeline_task: str) -> dict[str, Any]:
+    env = [
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_UID", "metadata.uid"),
+        _env("DPTR_PIPELINETASK", pipeline_task),
+        _env("DPTR_TASKRUNNER", runner.metadata.name),
+        _env("DPTR_REGION", runner.spec.region),
+    ]
+    if runner.spec.endpoint_url:
+        env.append(_env("DPTR_ENDPOINT_URL", runner.spec.endpoint_url))
+    env += [
+        _env("DPTR_HEARTBEAT_INTERVAL", str(_heartbeat_interval(task, runner))),
+        _env("DPTR_MAIN_CONTAINER", TASK_CONTAINER),
+        _env("DPTR_OBJECT_TYPE", task.object_type),
+        _env("PYTHONUNBUFFERED", "1"),
+        _env("PYTHONDONTWRITEBYTECODE", "1"),
+        *_credential_env(runner),
+    ]
+    return {
+        "name": SIDECAR_CONTAINER,
+        "image": image,
+        "command": ["dptr-sidecar"],
+        "restartPolicy": "Always",
+        "env": env,
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": _restricted_container_security(read_only_root=True),
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True},
+            {"name": SIDECAR_TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
+    env = [
+        _env("DPTR_SCRIPT_URI", str(task.script_uri)),
+        _env("DPTR_SCRIPT_PATH", SCRIPT_PATH),
+        _env("DPTR_REGION", runner.spec.region),
+        _env("AWS_REGION", runner.spec.region),
+    ]
+    if runner.spec.s3_endpoint_url:
+        env.append(_env("AWS_ENDPOINT_URL_S3", runner.spec.s3_endpoint_url))
+    env += _credential_env(runner)
+    return {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": ["dptr-sidecar", "fetch-script"],
+        "env": env,
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": _restricted_container_security(read_only_root=True),
+        "volumeMounts": [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _token_volume() -> dict[str, Any]:
+    # The same layout as the automounted /var/run/secrets/kubernetes.io/serviceaccount, so
+    # the sidecar's in-cluster config works unchanged; only the sidecar mounts it.
+    return {
+        "name": TOKEN_VOLUME,
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": _TOKEN_EXPIRATION_SECONDS}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ],
+        },
+    }
+
+
+def render_job(
+    task: Task,
+    runner: TaskRunner,
+    *,
+    sidecar_image: str,
+    namespace: str,
+    owner: dict[str, Any],
+    service_account_name: str | None = None,
+) -> dict[str, Any]:
+    """The Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
+
+    ``owner`` is the PipelineTask (object or ownerReference) that owns the Job; its name
+    is what the sidecar reports on.  ``sidecar_image`` is the operator's default, used
+    unless the TaskRunner sets ``sidecarImage``.  ``service_account_name`` is the
+    operator's default for the pod when the template names none (the account the
+    sidecar's RBAC is bound to).
+
+    Raises :class:`TaskError` (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``,
+    ``dptr.InvalidTask.*``) for a task that cannot run; nothing must be created then.
+    """
+    argv = task_argv(task)
+    image = choose_image(task, runner)
+    owner_ref = _owner_reference(owner)
+    template = runner.spec.job_template
+    sidecar_image = runner.spec.sidecar_image or sidecar_image
+    name = naming.job_name(task.pipeline_id, task.attempt_id)
+
+    labels = {
+        naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+        naming.LABEL_ROLE: "task",
+        naming.LABEL_TASK_RUNNER: naming.label_value(runner.metadata.name),
+        naming.LABEL_PIPELINE_TASK: naming.label_value(owner_ref["name"]),
+        naming.LABEL_PIPELINE_ID: naming.label_value(task.pipeline_id),
+        naming.LABEL_ATTEMPT_ID: naming.label_value(task.attempt_id),
+    }
+    annotations = {
+        naming.ANNOTATION_PIPELINE_ID: task.pipeline_id,
+        naming.ANNOTATION_ATTEMPT_ID: task.attempt_id,
+        naming.ANNOTATION_OBJECT_TYPE: task.object_type,
+    }
+    if task.component_id:
+        labels[naming.LABEL_COMPONENT_ID] = naming.label_value(task.component_id)
+        annotations[naming.ANNOTATION_COMPONENT_ID] = task.component_id
+    if task.instance_id:
+        annotations[naming.ANNOTATION_INSTANCE_ID] = task.instance_id
+
+    pod_annotations = {**template.annotations, **annotations}
+    if runner.spec.credentials.mode == "PodIdentity" and not runner.spec.pass_data_pipeline_credentials:
+        # EKS's pod identity webhook injects AWS credentials into every container unless
+        # told to skip some; the task must not get the runner's Data Pipeline identity.
+        pod_annotations["eks.amazonaws.com/skip-containers"] = TASK_CONTAINER
+
+    task_container: dict[str, Any] = {
+        "name": TASK_CONTAINER,
+        "image": image,
+        "command": argv,
+        "env": _task_env(task, runner),
+        "securityContext": {
+            **_restricted_container_security(read_only_root=False),
+            **(template.container_security_context or {}),
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if template.image_pull_policy:
+        task_container["imagePullPolicy"] = template.image_pull_policy
+    if template.resources:
+        task_container["resources"] = template.resources
+
+    init_containers = [_sidecar(task, runner, sidecar_image, owner_ref["name"])]
+    volumes = [_token_volume(), {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}]
+    if task.script_uri:
+        init_containers.append(_fetcher(task, runner, sidecar_image))
+        volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
+        task_container["volumeMounts"] = [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True}]
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {**_pod_security(), **(template.pod_security_context or {})},
+        "initContainers": init_containers,
+        "containers": [task_container],
+        "volumes": volumes,
+    }
+    account = template.service_account_name or service_account_name
+    if account:
+        pod_spec["serviceAccountName"] = account
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.tolerations:
+        pod_spec["tolerations"] = list(template.tolerations)
+
+    job_spec: dict[str, Any] = {
+        # Retries belong to Data Pipeline (maximumRetries), never to the Job controller.
+        "backoffLimit": 0,
+        "template": {
+            "metadata": {"labels": {**template.labels, **labels}, "annotations": pod_annotations},
+            "spec": pod_spec,
+        },
+    }
+    if task.attempt_timeout_seconds:
+        job_spec["activeDeadlineSeconds"] = task.attempt_timeout_seconds
+    if template.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = template.ttl_seconds_after_finished
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_ref],
+        },
+        "spec": job_spec,
+    }
