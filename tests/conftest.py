@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
 
 
@@ -104,3 +105,38 @@ def namespace(testbed: RunningTestbed, request: pytest.FixtureRequest) -> Iterat
     testbed.kubectl("create", "namespace", name)
     yield name
     testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+REPO = Path(__file__).resolve().parent.parent
+CRD_DIR = REPO / "charts" / "dptr" / "crds"
+
+
+@pytest.fixture(scope="session")
+def crds(testbed: RunningTestbed) -> RunningTestbed:
+    """The dptr CRDs installed (idempotently: every xdist worker may apply them)."""
+    testbed.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    testbed.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/taskrunners.dptr.dev",
+        "crd/pipelinetasks.dptr.dev",
+    )
+    return testbed
+
+
+@pytest.fixture
+def datapipeline() -> Iterator[LocalDataPipeline]:
+    """A fresh local Data Pipeline service per test, time-scaled 100x.
+
+    At 0.01 the 2-minute ack deadline is 1.2 s and the default 15-minute
+    reportProgressTimeout is 9 s. Tests end with ``datapipeline.assert_clean()``
+    (one outcome per attempt, no protocol violation) unless they provoke a
+    violation on purpose.
+    """
+    svc = LocalDataPipeline(time_scale=0.01)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
