@@ -1,0 +1,426 @@
+"""The PipelineTask status as the exactly-once ledger of a task's outcome.
+
+Whoever reports a task's outcome (the sidecar normally, the operator as a fallback) first
+*claims* the report on the PipelineTask status, then calls SetTaskStatus, then marks it
+reported::
+
+    claim = claim_report(kube, ns, name, holder="sidecar/" + pod, status=..., stale_after=...)
+    if claim is not None:
+        dp.set_task_status(task_id, claim.status, claim.error_id, claim.error_message, trace)
+        mark_reported(kube, ns, name, claim=claim)
+
+The claim is a PUT to the status subresource carrying the ``resourceVersion`` just read,
+so of two claimers racing from the same state exactly one write succeeds; the other gets
+409 Conflict, re-reads, sees the claim and backs off.  A claim whose holder died before
+reporting (``claimedAt`` older than ``stale_after`` and no ``reportedAt``) is taken over.
+``stale_after`` must exceed the longest time a live holder may spend between its claim
+and :func:`mark_reported` (its SetTaskStatus retry deadline), or a slow holder and its
+successor could both report.
+
+A takeover reports the outcome the first holder claimed (the holder that saw the
+container's exit knew best); :attr:`Claim.status` and friends are always what to send.
+
+Cancellation is recorded the same way: :func:`mark_canceled` refuses once a report is
+claimed, and :func:`claim_report` refuses once the task is canceled, so a task gets a
+SetTaskStatus or a honoured cancel, never both.
+
+All functions work on the raw API objects (not the pydantic models), so a PUT never
+drops a status field this module does not know about.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from .errors import fit_api_string, fit_error_id
+from .kube import Conflict, KubeClient, pipelinetask_path
+
+if TYPE_CHECKING:
+    from .models import PipelineTaskStatus
+
+__all__ = [
+    "FINAL_PHASE",
+    "Claim",
+    "ClaimDecision",
+    "LedgerConflictError",
+    "ReportStatus",
+    "claim_report",
+    "decide_claim",
+    "format_time",
+    "heartbeat_is_stale",
+    "mark_canceled",
+    "mark_reported",
+    "operator_holder",
+    "parse_time",
+    "record_heartbeat",
+    "sidecar_holder",
+    "take_over_heartbeats",
+]
+
+log = logging.getLogger(__name__)
+
+ReportStatus = Literal["FINISHED", "FAILED", "FALSE"]
+HeartbeatOwner = Literal["operator", "sidecar"]
+
+#: The phase a PipelineTask ends in once its outcome is reported.
+FINAL_PHASE: dict[str, str] = {"FINISHED": "Succeeded", "FAILED": "Failed", "FALSE": "Failed"}
+
+#: How many times an optimistic write is retried after a 409 before giving up.
+MAX_CONFLICT_RETRIES = 25
+
+R = TypeVar("R")
+
+
+class LedgerConflictError(Exception):
+    """An optimistic write kept conflicting (someone writes the object continuously)."""
+
+
+# --------------------------------------------------------------------------- identities and time
+
+
+def sidecar_holder(pod: str) -> str:
+    """The claim holder identity of the sidecar in ``pod``."""
+    return f"sidecar/{pod}"
+
+
+def operator_holder(identity: str) -> str:
+    """The claim holder identity of an operator replica (its pod name, or host name)."""
+    return f"operator/{identity}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, as the ledger stores times."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str | datetime | None) -> datetime | None:
+    """A ledger time (or None when absent or unreadable), always timezone-aware."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- decisions (pure)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A report claim that ``holder`` owns: send exactly this to SetTaskStatus."""
+
+    namespace: str
+    name: str
+    holder: str
+    status: ReportStatus
+    error_id: str | None
+    error_message: str | None
+    claimed_at: str
+    resource_version: str
+    #: True when the ledger already held our claim (we restarted, or the answer to our
+    #: write was lost).  SetTaskStatus may or may not have been called already.
+    resumed: bool = False
+    #: The holder whose stale claim we took over, if any.
+    taken_over_from: str | None = None
+
+
+ClaimAction = Literal["claim", "own", "take_over", "refuse"]
+
+
+@dataclass(frozen=True)
+class ClaimDecision:
+    action: ClaimAction
+    why: str
+
+
+def _section(status: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = status.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def is_canceled(status: Mapping[str, Any]) -> bool:
+    return status.get("phase") == "Canceled" or bool(_section(status, "canceled").get("at"))
+
+
+def decide_claim(status: Mapping[str, Any], holder: str, now: datetime, stale_after: float) -> ClaimDecision:
+    """What ``holder`` may do with the report, given the PipelineTask ``status`` as read."""
+    report = _section(status, "report")
+    if report.get("reportedAt"):
+        return ClaimDecision("refuse", f"already reported by {report.get('reportedBy') or 'someone'}")
+    if is_canceled(status):
+        return ClaimDecision("refuse", "the task is canceled")
+    claimed_by = report.get("claimedBy")
+    if not claimed_by:
+        return ClaimDecision("claim", "no claim yet")
+    if claimed_by == holder:
+        return ClaimDecision("own", "we hold the claim already")
+    claimed_at = parse_time(report.get("claimedAt"))
+    age = (now - claimed_at).total_seconds() if claimed_at else None
+    if age is None or age >= stale_after:
+        shown = "unknown age" if age is None else f"{age:.1f}s old"
+        return ClaimDecision("take_over", f"the claim by {claimed_by} is stale ({shown}) and unreported")
+    return ClaimDecision("refuse", f"claimed by {claimed_by} {age:.1f}s ago")
+
+
+def heartbeat_is_stale(
+    status: Mapping[str, Any] | PipelineTaskStatus | None, now: datetime, max_age: float
+) -> bool:
+    """True when the last recorded heartbeat is older than ``max_age`` seconds (or there
+    is none).  Accepts the raw status dict or the pydantic :class:`PipelineTaskStatus`."""
+    last: datetime | None
+    if status is None:
+        return True
+    if isinstance(status, Mapping):
+        last = parse_time(_section(status, "heartbeat").get("lastAt"))
+    else:
+        last = parse_time(status.heartbeat.last_at if status.heartbeat else None)
+    if last is None:
+        return True
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return (now - last).total_seconds() > max_age
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _optimistic_update(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    decide: Callable[[dict[str, Any]], tuple[bool, R]],
+) -> tuple[R, dict[str, Any] | None]:
+    """Read the PipelineTask, let ``decide`` change its ``status`` in place and say whether
+    to write, and PUT it to the status subresource with the resourceVersion read.  On 409
+    start over.  Returns ``decide``'s result and the written object (None if not written).
+    Raises :class:`~dptr_common.kube.NotFound` if the PipelineTask does not exist."""
+    for _ in range(MAX_CONFLICT_RETRIES):
+        obj = kube.get(pipelinetask_path(namespace, name))
+        if not isinstance(obj.get("status"), dict):
+            obj["status"] = {}
+        write, result = decide(obj)
+        if not write:
+            return result, None
+        try:
+            written = kube.replace(pipelinetask_path(namespace, name, "status"), obj)
+        except Conflict as exc:
+            if exc.reason == "AlreadyExists":  # pragma: no cover - never for a PUT
+                raise
+            log.debug("ledger write to %s/%s conflicted; re-reading", namespace, name)
+            continue
+        return result, written
+    raise LedgerConflictError(
+        f"PipelineTask {namespace}/{name}: {MAX_CONFLICT_RETRIES} conflicting writes in a row"
+    )
+
+
+def claim_report(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    *,
+    holder: str,
+    status: ReportStatus,
+    error_id: str | None = None,
+    error_message: str | None = None,
+    stale_after: float,
+    clock: Callable[[], datetime] = _utcnow,
+) -> Claim | None:
+    """Claim the right to call SetTaskStatus for this PipelineTask.
+
+    Returns the :class:`Claim` when ``holder`` owns the report (fresh, taken over from a
+    stale holder, or already ours), and None when someone else holds a live claim, the
+    outcome is already reported, or the task is canceled.  On a takeover the previous
+    holder's outcome is kept.  Raises ``NotFound`` if the PipelineTask is gone and
+    :class:`LedgerConflictError` if the object never stops changing.
+    """
+    if status not in FINAL_PHASE:
+        raise ValueError(f"status must be FINISHED, FAILED or FALSE, not {status!r}")
+
+    def decide(obj: dict[str, Any]) -> tuple[bool, tuple[ClaimDecision, dict[str, Any]]]:
+        st = obj["status"]
+        now = clock()
+        decision = decide_claim(st, holder, now, stale_after)
+        report = dict(_section(st, "report"))
+        if decision.action in ("claim", "take_over"):
+            previous = report.get("claimedBy") if decision.action == "take_over" else None
+            # Stored as SetTaskStatus will send them, so the ledger shows what was reported.
+            outcome = {
+                "status": status,
+                "errorId": fit_error_id(error_id) if error_id else None,
+                "errorMessage": fit_api_string(error_message, keep="head") if error_message else None,
+            }
+            if previous and report.get("status") in FINAL_PHASE:
+                outcome = {k: report.get(k) for k in ("status", "errorId", "errorMessage")}
+            new_report: dict[str, Any] = {
+                "claimedBy": holder,
+                "claimedAt": format_time(now),
+                **{k: v for k, v in outcome.items() if v is not None},
+            }
+            st["report"] = new_report
+            return True, (decision, {**new_report, "_previous": previous})
+        return False, (decision, {**report, "_resourceVersion": obj["metadata"].get("resourceVersion")})
+
+    (decision, report), written = _optimistic_update(kube, namespace, name, decide)
+    if decision.action == "refuse":
+        log.info("not claiming the report of %s/%s for %s: %s", namespace, name, holder, decision.why)
+        return None
+    source = (
+        written["metadata"] if written is not None else {"resourceVersion": report.get("_resourceVersion")}
+    )
+    resource_version = str(source.get("resourceVersion") or "")
+    if decision.action == "take_over":
+        log.warning("claimed the report of %s/%s for %s: %s", namespace, name, holder, decision.why)
+    return Claim(
+        namespace=namespace,
+        name=name,
+        holder=holder,
+        status=report.get("status") or status,
+        error_id=report.get("errorId"),
+        error_message=report.get("errorMessage"),
+        claimed_at=str(report.get("claimedAt") or ""),
+        resource_version=resource_version,
+        resumed=decision.action == "own",
+        taken_over_from=report.get("_previous"),
+    )
+
+
+def mark_reported(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    *,
+    claim: Claim,
+    message: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> bool:
+    """Record that ``claim.holder`` called SetTaskStatus: ``report.reportedAt``/``reportedBy``
+    and the final phase (Succeeded for FINISHED, Failed for FAILED and FALSE).
+
+    Returns False (and writes nothing) when the report was already marked.  If another
+    holder took the claim over meanwhile, the report is still recorded (it happened) and
+    a warning is logged: that is the double report ``stale_after`` exists to prevent.
+    """
+
+    def decide(obj: dict[str, Any]) -> tuple[bool, bool]:
+        st = obj["status"]
+        report = dict(_section(st, "report"))
+        if report.get("reportedAt"):
+            return False, False
+        if report.get("claimedBy") not in (None, claim.holder):
+            log.warning(
+                "%s/%s: %s reported, but the claim is now held by %s",
+                namespace,
+                name,
+                claim.holder,
+                report.get("claimedBy"),
+            )
+        report.setdefault("claimedBy", claim.holder)
+        report.setdefault("claimedAt", claim.claimed_at)
+        report.setdefault("status", claim.status)
+        for key, value in (("errorId", claim.error_id), ("errorMessage", claim.error_message)):
+            if value is not None:
+                report.setdefault(key, value)
+        report["reportedAt"] = format_time(clock())
+        report["reportedBy"] = claim.holder
+        st["report"] = report
+        st["phase"] = FINAL_PHASE[claim.status]
+        if message is not None:
+            st["message"] = message
+        return True, True
+
+    result, _ = _optimistic_update(kube, namespace, name, decide)
+    return result
+
+
+def mark_canceled(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    *,
+    by: str,
+    reason: str,
+    message: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> bool:
+    """Record a honoured cancel (phase Canceled, ``canceled.at/by/reason``).
+
+    Returns True when the task is now (or already was) canceled, False when a report was
+    already claimed or made: then the claim holder's SetTaskStatus stands and the task is
+    not canceled in the ledger.
+    """
+
+    def decide(obj: dict[str, Any]) -> tuple[bool, bool]:
+        st = obj["status"]
+        if is_canceled(st):
+            return False, True
+        report = _section(st, "report")
+        if report.get("claimedBy") or report.get("reportedAt"):
+            return False, False
+        st["canceled"] = {"at": format_time(clock()), "by": by, "reason": reason}
+        st["phase"] = "Canceled"
+        if message is not None:
+            st["message"] = message
+        return True, True
+
+    result, _ = _optimistic_update(kube, namespace, name, decide)
+    if not result:
+        log.info("%s/%s: not recording the cancel by %s: the report is already claimed", namespace, name, by)
+    return result
+
+
+def take_over_heartbeats(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    owner: HeartbeatOwner = "sidecar",
+    by: str | None = None,
+    *,
+    clock: Callable[[], datetime] = _utcnow,
+) -> dict[str, Any]:
+    """Record that ``owner`` (``by``: its pod) heartbeats the task from now on, with a fresh
+    ``lastAt``.  A merge patch: the last writer wins, which is what a takeover means.
+    Returns the PipelineTask's status after the write (check its phase and report: a
+    restarted sidecar should stop if the outcome is already reported)."""
+    heartbeat = {"owner": owner, "by": by, "lastAt": format_time(clock()), "lastError": None}
+    obj = kube.patch(pipelinetask_path(namespace, name, "status"), {"status": {"heartbeat": heartbeat}})
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+def record_heartbeat(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    *,
+    by: str | None = None,
+    at: datetime | None = None,
+    error: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> None:
+    """Record a heartbeat with a cheap merge patch; ``owner`` is left as it is.
+
+    Without ``error``: a successful heartbeat, ``lastAt`` = ``at`` (default now) and
+    ``lastError`` cleared.  With ``error``: a failed attempt, so only ``lastError`` is
+    written and ``lastAt`` keeps the last success (staleness is judged on it).
+    """
+    heartbeat: dict[str, Any] = {"lastError": error}
+    if error is None or at is not None:
+        heartbeat["lastAt"] = format_time(at or clock())
+    if by is not None:
+        heartbeat["by"] = by
+    kube.patch(pipelinetask_path(namespace, name, "status"), {"status": {"heartbeat": heartbeat}})
