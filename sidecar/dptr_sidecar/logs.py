@@ -1,0 +1,293 @@
+"""The task's output streams on S3, where the official Task Runner puts them.
+
+* ``stdout`` / ``stderr`` fields naming ``s3://`` paths: the stream is uploaded there
+  as is (uncompressed), one object each.
+* ``pipelineLogUri`` (set on the Default object, inherited by every activity): the
+  attempt's logs go under
+  ``<pipelineLogUri>/<pipelineId>/<componentId>/<instanceId>/<attemptId>/`` with the
+  official runner's names, gzip-compressed as it uploads them: ``StdOutput.gz``,
+  ``StdError.gz`` and ``Activity.log.gz`` (the runner's own log of the attempt: staging,
+  the command, the exit; dptr writes its equivalent).
+
+Uploads happen after every exit, success or failure.  A failed upload never changes
+the outcome: :func:`upload_logs` returns problems (for an Event and the
+errorMessage) instead of raising.
+
+The task container's streams are captured to ``$DPTR_LOG_DIR/stdout`` and
+``$DPTR_LOG_DIR/stderr`` by the wrapper ``render_staging`` puts around its command
+(``tee``, so ``kubectl logs`` still shows them).  When the image lacks ``tee`` or
+``mkfifo`` the wrapper leaves ``.nocapture`` and the caller's combined container log
+(from the Kubernetes API) stands in for stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dptr_common.errors import TaskError
+from dptr_common.task import Task
+
+from .s3 import CHUNK_SIZE, S3Client, S3Error, S3Uri, parse_s3_uri
+from .staging import load_plan, stage_out
+
+__all__ = [
+    "ACTIVITY_LOG_NAME",
+    "LOG_DIR",
+    "STDERR_NAME",
+    "STDOUT_NAME",
+    "ActivityLog",
+    "LogTargets",
+    "TaskIOResult",
+    "finish_task_io",
+    "upload_logs",
+]
+
+#: The official runner's file names in an attempt's log directory (uploaded with ``.gz``).
+STDOUT_NAME = "StdOutput"
+STDERR_NAME = "StdError"
+ACTIVITY_LOG_NAME = "Activity.log"
+#: Where the task container's streams are captured (an emptyDir).
+LOG_DIR = "/dptr/logs"
+NO_CAPTURE_MARKER = ".nocapture"
+
+#: bytes, a file (missing means empty), or a factory of byte chunks (called per upload).
+Source = bytes | Path | Callable[[], Iterable[bytes]] | None
+
+
+@dataclass(frozen=True)
+class LogTargets:
+    """Where an attempt's logs go."""
+
+    pipeline_id: str
+    attempt_id: str
+    component_id: str | None = None
+    instance_id: str | None = None
+    pipeline_log_uri: str | None = None
+    stdout_uri: str | None = None
+    stderr_uri: str | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.pipeline_log_uri or self.stdout_uri or self.stderr_uri)
+
+    @classmethod
+    def from_task(cls, task: Task) -> LogTargets:
+        return cls(
+            pipeline_id=task.pipeline_id,
+            attempt_id=task.attempt_id,
+            component_id=task.component_id,
+            instance_id=task.instance_id,
+            pipeline_log_uri=task.attempt.first("pipelineLogUri"),
+            stdout_uri=task.stdout,
+            stderr_uri=task.stderr,
+        )
+
+    _ENV = {
+        "pipeline_id": "DPTR_PIPELINE_ID",
+        "attempt_id": "DPTR_ATTEMPT_ID",
+        "component_id": "DPTR_COMPONENT_ID",
+        "instance_id": "DPTR_INSTANCE_ID",
+        "pipeline_log_uri": "DPTR_PIPELINE_LOG_URI",
+        "stdout_uri": "DPTR_STDOUT_URI",
+        "stderr_uri": "DPTR_STDERR_URI",
+    }
+
+    def to_env(self) -> dict[str, str]:
+        return {name: value for attr, name in self._ENV.items() if (value := getattr(self, attr))}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LogTargets:
+        env = os.environ if env is None else env
+        values = {attr: env.get(name) or None for attr, name in cls._ENV.items()}
+        return cls(
+            pipeline_id=values.pop("pipeline_id") or "",
+            attempt_id=values.pop("attempt_id") or "",
+            **values,
+        )
+
+    def attempt_prefix(self) -> S3Uri | None:
+        """``<pipelineLogUri>/<pipelineId>/<component>/<instance>/<attempt>/``, or None."""
+        if not self.pipeline_log_uri:
+            return None
+        # Attempt ids are "@<component>_<scheduled start>_Attempt=<n>"; the instance is the
+        # attempt id without its "_Attempt=<n>" and the component without the "@" and time.
+        instance = self.instance_id or self.attempt_id.rsplit("_Attempt=", 1)[0]
+        component = self.component_id or instance.lstrip("@").rsplit("_", 1)[0]
+        base = parse_s3_uri(self.pipeline_log_uri)
+        return base.child(f"{self.pipeline_id}/{component}/{instance}/{self.attempt_id}/")
+
+
+class ActivityLog:
+    """dptr's counterpart of the official runner's Activity.log: timestamped lines."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        self._echo = echo
+
+    def __call__(self, line: str) -> None:
+        stamp = time.strftime("%d %b %Y %H:%M:%S", time.gmtime())
+        self.lines.append(f"{stamp} [INFO] {line}")
+        if self._echo is not None:
+            self._echo(line)
+
+    def text(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode() if self.lines else b""
+
+
+def _chunks(source: Source) -> Iterator[bytes]:
+    if source is None:
+        return
+    if isinstance(source, bytes):
+        if source:
+            yield source
+        return
+    if isinstance(source, Path):
+        try:
+            handle = source.open("rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            yield from iter(lambda: handle.read(CHUNK_SIZE), b"")
+        return
+    for chunk in source():
+        if chunk:
+            yield chunk
+
+
+def _gzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    for chunk in chunks:
+        out = compressor.compress(chunk)
+        if out:
+            yield out
+    yield compressor.flush()
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, S3Error):
+        return f"{exc.code}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def upload_logs(
+    targets: LogTargets,
+    s3: S3Client,
+    *,
+    stdout: Source,
+    stderr: Source,
+    activity_log: Source = None,
+) -> list[str]:
+    """Upload the streams wherever ``targets`` says; returns problems (never raises for S3).
+
+    Each destination is tried independently, so one refused bucket does not cost the
+    other copies.
+    """
+    problems: list[str] = []
+    uploads: list[tuple[str, Source, str, bool]] = []
+    for stream, source, uri in (
+        ("stdout", stdout, targets.stdout_uri),
+        ("stderr", stderr, targets.stderr_uri),
+    ):
+        if uri:
+            uploads.append((stream, source, uri, False))
+    try:
+        prefix = targets.attempt_prefix()
+    except S3Error as exc:
+        problems.append(f"pipelineLogUri {targets.pipeline_log_uri!r} is not an s3:// URI ({exc.code})")
+        prefix = None
+    if prefix is not None:
+        uploads.append(("stdout", stdout, str(prefix.child(STDOUT_NAME + ".gz")), True))
+        uploads.append(("stderr", stderr, str(prefix.child(STDERR_NAME + ".gz")), True))
+        if activity_log is not None:
+            uploads.append(("activity log", activity_log, str(prefix.child(ACTIVITY_LOG_NAME + ".gz")), True))
+    for stream, source, uri, compress in uploads:
+        try:
+            target = parse_s3_uri(uri)
+        except S3Error:
+            problems.append(f"{stream} path {uri!r} is not an s3:// URI; dptr writes logs to S3 only")
+            continue
+        chunks = _chunks(source)
+        extra = {"ContentType": "application/x-gzip" if compress else "text/plain"}
+        try:
+            s3.upload_stream(_gzip(chunks) if compress else chunks, target, extra=extra)
+        except Exception as exc:  # any failure is a problem to report, never a lost outcome
+            problems.append(f"could not upload {stream} to {uri}: {_describe(exc)}")
+    return problems
+
+
+@dataclass
+class TaskIOResult:
+    """What happened after the task container exited."""
+
+    #: Set when staged outputs could not be uploaded: the attempt is FAILED with it.
+    error: TaskError | None = None
+    #: Log upload problems: report them (Event, errorMessage); they change no outcome.
+    problems: list[str] = field(default_factory=list)
+    #: Output objects written.
+    uploaded: list[str] = field(default_factory=list)
+
+
+def capture_sources(
+    log_dir: Path, combined_output: Callable[[], Iterable[bytes]] | None = None
+) -> tuple[Source, Source]:
+    """(stdout, stderr) as captured by the wrapper, or the combined container log without capture."""
+    uncaptured = (log_dir / NO_CAPTURE_MARKER).exists() or not (log_dir / "stdout").exists()
+    if uncaptured and combined_output is not None:
+        return combined_output, b""
+    return log_dir / "stdout", log_dir / "stderr"
+
+
+def finish_task_io(
+    env: Mapping[str, str] | None = None,
+    *,
+    exit_code: int | None,
+    combined_output: Callable[[], Iterable[bytes]] | None = None,
+    s3: S3Client | None = None,
+    activity_log: ActivityLog | None = None,
+) -> TaskIOResult:
+    """The sidecar's one call after the task container terminated (before SetTaskStatus).
+
+    * exit 0 and a staging plan: upload the outputs; a failure is ``result.error``
+      (report FAILED with it instead of FINISHED);
+    * always, when the activity names S3 paths or has a pipelineLogUri: upload stdout,
+      stderr and the activity log; failures are ``result.problems``.
+
+    ``combined_output`` (the container's log from the Kubernetes API) is used for stdout
+    only when the wrapper could not capture the streams separately.
+    """
+    env = os.environ if env is None else env
+    result = TaskIOResult()
+    log = activity_log or ActivityLog()
+    targets = LogTargets.from_env(env)
+    try:
+        plan = load_plan(env)
+    except TaskError as error:
+        plan, result.error = None, error
+    if plan is None and not targets.wanted and result.error is None:
+        return result
+    own_client = s3 is None
+    client = s3 if s3 is not None else S3Client(env=env)
+    try:
+        log(f"task container exited with code {exit_code}")
+        if plan is not None and plan.outputs and exit_code == 0:
+            try:
+                result.uploaded = stage_out(plan, client, log=log)
+            except TaskError as error:
+                result.error = error
+                log(f"staging out failed: {error.error_id}: {error.message}")
+        elif plan is not None and plan.outputs:
+            log("outputs not uploaded: the command did not succeed")
+        if targets.wanted:
+            stdout, stderr = capture_sources(Path(env.get("DPTR_LOG_DIR") or LOG_DIR), combined_output)
+            result.problems = upload_logs(
+                targets, client, stdout=stdout, stderr=stderr, activity_log=lambda: [log.text()]
+            )
+    finally:
+        if own_client:
+            client.close()
+    return result

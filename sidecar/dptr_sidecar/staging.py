@@ -1,0 +1,340 @@
+"""Scripts and staged data: what runs before the task container and after it.
+
+Who does what (docs/task-runner-parity.md has the why):
+
+* ``dptr-fetch-script`` (init container): :func:`fetch_script_main` downloads
+  ``scriptUri`` into the script emptyDir.
+* ``dptr-stage-in`` (init container, only with ``stage: true``): :func:`stage_in_main`
+  resolves data nodes PollForTask did not include (one DescribeObjects call), downloads
+  every input into ``INPUTn_STAGING_DIR``, creates every ``OUTPUTn_STAGING_DIR``, and
+  writes the resolved plan to ``<staging root>/.plan.json`` for the sidecar.
+* the sidecar, after the task container exited 0: :func:`stage_out` uploads every
+  output directory.  A failed upload makes the attempt FAILED (the data did not
+  arrive), with ``dptr.StagingFailed.<S3 code>``.
+
+A failure in an init container exits 1 with the termination message
+``<errorId>\\n<message>`` (see :func:`parse_termination_message`), which
+:func:`outcome_for_init_failure` turns into the attempt's FAILED outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dptr_common.errors import Outcome, TaskError, error_id
+from dptr_common.staging_plan import STAGING_ROOT, StagedNode, StagingPlan, data_node_location
+
+from .s3 import S3Client, S3Error, S3Uri, parse_s3_uri
+
+__all__ = [
+    "PLAN_FILE",
+    "fetch_script",
+    "fetch_script_main",
+    "load_plan",
+    "outcome_for_init_failure",
+    "parse_termination_message",
+    "resolve_plan",
+    "stage_in",
+    "stage_in_main",
+    "stage_out",
+    "write_termination_message",
+]
+
+#: The resolved plan, written by stage-in into the staging volume for the sidecar.
+PLAN_FILE = ".plan.json"
+#: Kubernetes' default terminationMessagePath.
+TERMINATION_LOG = "/dev/termination-log"
+
+Log = Callable[[str], None]
+
+
+def _stderr_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _staging_error(exc: S3Error, what: str) -> TaskError:
+    return TaskError(error_id("StagingFailed", exc.code), f"{what}: {exc.message}")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def resolve_plan(plan: StagingPlan, client: Any) -> StagingPlan:
+    """Fill in data nodes PollForTask did not include, with one DescribeObjects call.
+
+    ``client`` is a :class:`dptr_common.datapipeline.DataPipelineClient` (or anything
+    with its ``describe_objects(pipeline_id, ids, evaluate_expressions=True)``).
+    Expressions are evaluated by the service (``evaluateExpressions=true``), so
+    ``#{format(@scheduledStartTime, ...)}`` paths arrive as plain S3 URIs.
+    """
+    missing = plan.unresolved
+    if not missing:
+        return plan
+    from dptr_common.datapipeline import DataPipelineError
+
+    try:
+        described = client.describe_objects(plan.pipeline_id, missing, evaluate_expressions=True)
+    except DataPipelineError as exc:
+        raise TaskError(
+            error_id("StagingFailed", "DescribeObjects", exc.reason),
+            f"could not look up data nodes {', '.join(missing)}: {exc}",
+        ) from exc
+    by_id = {str(obj.get("id")): obj for obj in described}
+    nodes: list[StagedNode] = []
+    for node in plan.nodes:
+        if node.resolved:
+            nodes.append(node)
+            continue
+        obj = by_id.get(node.ref)
+        if obj is None:
+            raise TaskError(
+                "dptr.StagingFailed.DataNodeNotFound",
+                f"{node.direction} data node {node.ref!r} is not in pipeline {plan.pipeline_id}",
+            )
+        location = data_node_location(obj)
+        if location is not None:  # other data node types are not staged
+            nodes.append(node.with_location(location))
+    return StagingPlan(pipeline_id=plan.pipeline_id, nodes=tuple(nodes))
+
+
+def load_plan(env: Mapping[str, str] | None = None) -> StagingPlan | None:
+    """The plan for this pod: the one stage-in resolved, else ``DPTR_STAGING_PLAN``, else None."""
+    env = os.environ if env is None else env
+    root = Path(env.get("DPTR_STAGING_ROOT") or STAGING_ROOT)
+    resolved = root / PLAN_FILE
+    if resolved.is_file():
+        return StagingPlan.from_json(resolved.read_text())
+    raw = env.get("DPTR_STAGING_PLAN")
+    return StagingPlan.from_json(raw) if raw else None
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def _safe_relative(prefix: str, key: str) -> PurePosixPath | None:
+    """The key's path below the prefix; None for folder markers; refuses ``..``."""
+    relative = key[len(prefix) :].lstrip("/")
+    if not relative or relative.endswith("/") or relative.endswith("_$folder$"):
+        return None
+    path = PurePosixPath(relative)
+    if any(part in {"..", "."} for part in path.parts):
+        raise TaskError(
+            "dptr.StagingFailed.UnsafeKey", f"refusing to stage key {key!r}: it leaves the directory"
+        )
+    return path
+
+
+def _download_input(node: StagedNode, s3: S3Client, log: Log) -> int:
+    assert node.uri is not None
+    target = Path(node.staging_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        uri = parse_s3_uri(node.uri)
+    except S3Error as exc:
+        raise _staging_error(exc, f"input {node.index} ({node.ref})") from exc
+    count = 0
+    try:
+        if node.kind == "file":
+            name = PurePosixPath(uri.key).name
+            if not name:
+                raise TaskError("dptr.StagingFailed.BadDataNode", f"filePath {node.uri!r} names no file")
+            log(f"downloading {uri} to {target / name}")
+            s3.download(uri, target / name)
+            return 1
+        prefix = uri.key if not uri.key or uri.key.endswith("/") else uri.key + "/"
+        log(f"downloading directory {uri} to {target}")
+        for item, _size in s3.list(S3Uri(uri.bucket, prefix)):
+            relative = _safe_relative(prefix, item.key)
+            if relative is None:
+                continue
+            s3.download(item, target / relative)
+            count += 1
+    except S3Error as exc:
+        raise _staging_error(exc, f"input {node.index} ({node.ref}) {node.uri}") from exc
+    if count == 0:
+        raise TaskError(
+            "dptr.StagingFailed.NoSuchKey",
+            f"input {node.index} ({node.ref}): no objects under directoryPath {node.uri}",
+        )
+    return count
+
+
+def stage_in(plan: StagingPlan, s3: S3Client, *, log: Log = _stderr_log) -> dict[str, str]:
+    """Download every input, create every output directory; returns the staging env.
+
+    Raises TaskError ``dptr.StagingFailed.<code>`` (``NoSuchKey``, ``NoSuchBucket``,
+    ``AccessDenied``, ``DataNodeNotResolved``...).
+    """
+    for node in plan.nodes:
+        if not node.resolved:
+            raise TaskError(
+                "dptr.StagingFailed.DataNodeNotResolved",
+                f"{node.direction} data node {node.ref!r} has no location (resolve_plan first)",
+            )
+    for node in plan.inputs:
+        count = _download_input(node, s3, log)
+        log(f"{node.env_name}={node.staging_dir}: {count} object(s) from {node.uri}")
+    for node in plan.outputs:
+        Path(node.staging_dir).mkdir(parents=True, exist_ok=True)
+    return plan.env()
+
+
+def _upload_args(node: StagedNode) -> dict[str, str]:
+    if node.encryption == "NONE":
+        return {}
+    if node.encryption == "SERVER_SIDE_ENCRYPTION_KMS":
+        args = {"ServerSideEncryption": "aws:kms"}
+        if node.kms_key_id:
+            args["SSEKMSKeyId"] = node.kms_key_id
+        return args
+    return {"ServerSideEncryption": "AES256"}
+
+
+def stage_out(plan: StagingPlan, s3: S3Client, *, log: Log = _stderr_log) -> list[str]:
+    """Upload every ``OUTPUTn_STAGING_DIR`` to its data node; returns the URIs written.
+
+    A directoryPath receives the directory's files under their relative paths; a
+    filePath receives the directory's single file (more than one is an error).  Symbolic
+    links are not followed.  Raises TaskError ``dptr.StagingFailed.<code>``.
+    """
+    written: list[str] = []
+    for node in plan.outputs:
+        if node.uri is None:
+            raise TaskError(
+                "dptr.StagingFailed.DataNodeNotResolved", f"output data node {node.ref!r} has no location"
+            )
+        root = Path(node.staging_dir)
+        files = sorted(
+            p for p in (root.rglob("*") if root.is_dir() else []) if p.is_file() and not p.is_symlink()
+        )
+        try:
+            uri = parse_s3_uri(node.uri)
+            if node.kind == "file":
+                if len(files) > 1:
+                    raise TaskError(
+                        "dptr.StagingFailed.TooManyFiles",
+                        f"{node.env_name} holds {len(files)} files but output {node.ref!r} is a filePath",
+                    )
+                targets = [(files[0], uri)] if files else []
+            else:
+                targets = [(f, uri.child(f.relative_to(root).as_posix())) for f in files]
+            for path, target in targets:
+                log(f"uploading {path} to {target}")
+                s3.upload_file(path, target, extra=_upload_args(node))
+                written.append(str(target))
+        except S3Error as exc:
+            raise _staging_error(exc, f"output {node.index} ({node.ref}) {node.uri}") from exc
+        log(f"{node.env_name}: {len(targets)} file(s) uploaded to {node.uri}")
+    return written
+
+
+def fetch_script(uri: str, path: Path, s3: S3Client) -> int:
+    """Download ``scriptUri`` to ``path`` with mode 0755; TaskError ``dptr.ScriptFetchFailed.<code>``."""
+    try:
+        size = s3.download(parse_s3_uri(uri), path)
+    except S3Error as exc:
+        raise TaskError(error_id("ScriptFetchFailed", exc.code), f"scriptUri {uri}: {exc.message}") from exc
+    path.chmod(0o755)
+    return size
+
+
+# --------------------------------------------------------------------------- init containers
+
+
+def write_termination_message(error: TaskError, env: Mapping[str, str] | None = None) -> None:
+    """``<errorId>\\n<message>`` to the termination log (and stderr, for ``kubectl logs``)."""
+    env = os.environ if env is None else env
+    text = f"{error.error_id}\n{error.message}"
+    _stderr_log(f"dptr: {error.error_id}: {error.message}")
+    target = Path(env.get("DPTR_TERMINATION_LOG") or TERMINATION_LOG)
+    with contextlib.suppress(OSError):
+        target.write_text(text[:4000])
+
+
+def parse_termination_message(text: str | None) -> tuple[str, str] | None:
+    """(errorId, message) from a termination message written by an init container of ours."""
+    if not text:
+        return None
+    first, _, rest = text.strip().partition("\n")
+    if not first.startswith("dptr.") or " " in first:
+        return None
+    return first, rest.strip()
+
+
+_INIT_FAILURE_IDS = {
+    "dptr-fetch-script": "dptr.ScriptFetchFailed",
+    "dptr-stage-in": "dptr.StagingFailed",
+}
+
+
+def outcome_for_init_failure(container: str, terminated: Mapping[str, Any]) -> Outcome:
+    """FAILED for an init container of ours that failed (``state.terminated`` as an API dict)."""
+    parsed = parse_termination_message(terminated.get("message"))
+    if parsed is not None:
+        return Outcome("FAILED", parsed[0], parsed[1] or f"{container} failed")
+    base = _INIT_FAILURE_IDS.get(container, error_id("InitContainerFailed", container))
+    reason = terminated.get("reason") or f"exit code {terminated.get('exitCode')}"
+    return Outcome(
+        "FAILED", f"{base}.{reason}" if reason == "OOMKilled" else base, f"{container} failed: {reason}"
+    )
+
+
+def _s3_from_env(env: Mapping[str, str]) -> S3Client:
+    return S3Client(env=env)
+
+
+def _dp_client_from_env(env: Mapping[str, str]) -> Any:
+    from dptr_common.datapipeline import DataPipelineClient
+
+    return DataPipelineClient(
+        region=env.get("DPTR_REGION") or env.get("AWS_REGION") or "us-east-1",
+        endpoint_url=env.get("DPTR_ENDPOINT_URL") or None,
+    )
+
+
+def stage_in_main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """``dptr-sidecar stage-in``: 0 when staged, 1 with a termination message otherwise."""
+    env = os.environ if env is None else env
+    try:
+        raw = env.get("DPTR_STAGING_PLAN")
+        if not raw:
+            _stderr_log("dptr stage-in: DPTR_STAGING_PLAN is not set; nothing to stage")
+            return 0
+        plan = StagingPlan.from_json(raw)
+        if plan.unresolved:
+            client = _dp_client_from_env(env)
+            try:
+                plan = resolve_plan(plan, client)
+            finally:
+                client.close()
+        with _s3_from_env(env) as s3:
+            stage_in(plan, s3)
+        root = Path(env.get("DPTR_STAGING_ROOT") or STAGING_ROOT)
+        (root / PLAN_FILE).write_text(plan.to_json())
+    except TaskError as error:
+        write_termination_message(error, env)
+        return 1
+    return 0
+
+
+def fetch_script_main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """``dptr-sidecar fetch-script``: ``$DPTR_SCRIPT_URI`` -> ``$DPTR_SCRIPT_PATH`` (0755)."""
+    env = os.environ if env is None else env
+    uri, path = env.get("DPTR_SCRIPT_URI"), env.get("DPTR_SCRIPT_PATH")
+    try:
+        if not uri or not path:
+            raise TaskError(
+                "dptr.ScriptFetchFailed.NotConfigured", "DPTR_SCRIPT_URI and DPTR_SCRIPT_PATH must be set"
+            )
+        with _s3_from_env(env) as s3:
+            size = fetch_script(uri, Path(path), s3)
+        _stderr_log(f"dptr fetch-script: {uri} -> {path} ({size} bytes)")
+    except TaskError as error:
+        write_termination_message(error, env)
+        return 1
+    return 0

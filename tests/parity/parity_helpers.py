@@ -1,0 +1,114 @@
+"""Helpers shared by the parity tests."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def read_object(s3_raw: Any, bucket: str, key: str) -> bytes:
+    body: bytes = s3_raw.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return body
+
+
+def keys_under(s3_raw: Any, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3_raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def read_gzip_object(s3_raw: Any, bucket: str, key: str) -> bytes:
+    return gzip.decompress(read_object(s3_raw, bucket, key))
+
+
+# --------------------------------------------------------------------------- a pod, run locally
+
+
+#: How each of our containers' commands runs here (cli.py dispatch is wired separately).
+_OUR_COMMANDS = {
+    ("dptr-sidecar", "stage-in"): "from dptr_sidecar.staging import stage_in_main as m",
+    ("dptr-sidecar", "fetch-script"): "from dptr_sidecar.staging import fetch_script_main as m",
+}
+
+
+@dataclass
+class LocalPod:
+    """What running a rendered Job's pod locally produced."""
+
+    root: Path
+    init_exit: dict[str, int] = field(default_factory=dict)
+    termination_messages: dict[str, str] = field(default_factory=dict)
+    task_exit: int | None = None
+    task_stdout: bytes = b""
+    task_stderr: bytes = b""
+    sidecar_env: dict[str, str] = field(default_factory=dict)
+
+
+def _remap(value: str, mounts: dict[str, Path]) -> str:
+    """Mount paths -> local directories, in one pass (a local path may contain a mount path)."""
+    if not mounts:
+        return value
+    pattern = "|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))
+    return re.sub(pattern, lambda m: str(mounts[m.group(0)]), value)
+
+
+def _container_env(
+    container: dict[str, Any], base: dict[str, str], secrets: dict[str, str], mounts: dict[str, Path]
+) -> dict[str, str]:
+    env = dict(base)
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = _remap(entry["value"], mounts)
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            env[entry["name"]] = secrets[entry["valueFrom"]["secretKeyRef"]["key"]]
+    return env
+
+
+def run_pod_locally(
+    job: dict[str, Any], root: Path, base_env: dict[str, str], secrets: dict[str, str]
+) -> LocalPod:
+    """A minimal kubelet stand-in for one pod: emptyDirs are directories under ``root``,
+    init containers (except the native sidecar) run in order, then the task container;
+    mount paths in env and argv are remapped to the local directories.  The sidecar's
+    environment is returned for the caller to run the sidecar's after-exit step."""
+    pod = job["spec"]["template"]["spec"]
+    result = LocalPod(root=root)
+    volumes = {v["name"]: root / v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for path in volumes.values():
+        path.mkdir(parents=True, exist_ok=True)
+
+    def mounts_of(container: dict[str, Any]) -> dict[str, Path]:
+        return {
+            m["mountPath"]: volumes[m["name"]]
+            for m in container.get("volumeMounts", [])
+            if m["name"] in volumes
+        }
+
+    for container in pod.get("initContainers", []):
+        mounts = mounts_of(container)
+        env = _container_env(container, base_env, secrets, mounts)
+        if container.get("restartPolicy") == "Always":
+            result.sidecar_env = env
+            continue
+        termination = root / f"{container['name']}.termination-log"
+        env["DPTR_TERMINATION_LOG"] = str(termination)
+        code = _OUR_COMMANDS[tuple(container["command"])]
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import sys; {code}; sys.exit(m())"], env=env, check=False
+        )
+        result.init_exit[container["name"]] = proc.returncode
+        if termination.exists():
+            result.termination_messages[container["name"]] = termination.read_text()
+        if proc.returncode != 0:
+            return result
+    main = pod["containers"][0]
+    mounts = mounts_of(main)
+    env = _container_env(main, base_env, secrets, mounts)
+    argv = [_remap(a, mounts) for a in main["command"]]
+    proc = subprocess.run(argv, env=env, capture_output=True, check=False, cwd=root)
+    result.task_exit, result.task_stdout, result.task_stderr = proc.returncode, proc.stdout, proc.stderr
+    return result
