@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # Parallel workers for the test suite; 2 cores on the reference machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup binaries lint typecheck test unit demo clean
+.PHONY: setup binaries lint test unit demo manifests clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dptr needs Python 3.11+"'
@@ -36,6 +36,10 @@ unit: setup
 
 demo: setup binaries
 	$(VENV)/bin/dptr-testbed demo
+
+# Regenerate manifests/ from the chart (a test fails when they drift).
+manifests: binaries
+	$(PY) scripts/generate-manifests.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

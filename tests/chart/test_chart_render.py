@@ -1,0 +1,271 @@
+"""The chart without a cluster: lint, the schema, rendering, and the manifests' drift."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import CHART, REPO, Helm, rules_file
+from .value_sets import VALUE_SETS
+
+NS_A, NS_B = "data-a", "data-b"
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in _by_kind(docs, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+def test_lint_strict(helm: Helm) -> None:
+    proc = helm.run("lint", "--strict", str(CHART), "--kube-version", "v1.34.4", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_lint_value_sets(helm: Helm, name: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(VALUE_SETS[name]("dptr-system", NS_A, NS_B)))
+    proc = helm.run(
+        "lint", "--strict", str(CHART), "--namespace", "dptr-system", "--kube-version", "v1.34.4",
+        "--values", str(values), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["operator.bogus=1"], "additional properties 'bogus' not allowed"),
+        (["operator.logLevel=LOUD"], "/operator/logLevel"),
+        (["operator.replicaCount=-1"], "/operator/replicaCount"),
+        (["operator.replicaCount=2", "operator.leaderElection.enabled=false"], "/operator/replicaCount"),
+        (
+            ["operator.watch.allNamespaces=true", "operator.watch.namespaces={a}"],
+            "/operator/watch/namespaces",
+        ),
+        (["operator.watch.namespaces={Not_A_Namespace}"], "/operator/watch/namespaces/0"),
+        (["operator.watch.namespaces={a,a}"], "/operator/watch/namespaces"),
+        (["operator.image.digest=latest"], "/operator/image/digest"),
+        (["operator.image.tag=a:b"], "/operator/image/tag"),
+        (["operator.httpPort=80"], "/operator/httpPort"),
+        (["operator.extraArgs={-v}"], "/operator/extraArgs/0"),
+        (["operator.credentialsSecretNames={Bad/Name}"], "/operator/credentialsSecretNames/0"),
+        (["operator.leaderElection.leaseDurationSeconds=0"], "/operator/leaderElection/leaseDurationSeconds"),
+        (["sidecar.serviceAccount.name="], "/sidecar/serviceAccount/name"),
+        (["sidecar.image.pullPolicy=Always"], "additional properties 'pullPolicy' not allowed"),
+        (["metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
+        (["podDisruptionBudget.minAvailable=half"], "/podDisruptionBudget/minAvailable"),
+        (["networkPolicy.egress.ports={99999}"], "/networkPolicy/egress/ports/0"),
+        (["taskRunners[0].name=etl"], "/taskRunners/0"),
+        (["taskRunners[0].name=etl", "taskRunners[0].spec.region=x"], "workerGroup"),
+        (["rbac.create=maybe"], "/rbac/create"),
+    ],
+)
+def test_schema_rejects(helm: Helm, sets: list[str], message: str) -> None:
+    proc = helm.template(sets=sets)
+    assert proc.returncode != 0, f"{sets} rendered:\n{proc.stdout[:2000]}"
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["operator.leaderElection.renewSeconds=20"],
+            "operator.leaderElection.renewSeconds (20) must be shorter than operator.leaderElection.leaseDurationSeconds (15)",
+        ),
+        (
+            ["taskRunners[0].name=etl", "taskRunners[0].namespace=elsewhere", "taskRunners[0].spec.workerGroup=wg",
+             "taskRunners[0].spec.jobTemplate.image=busybox"],
+            'TaskRunner "etl" is in namespace "elsewhere", which the operator does not serve',
+        ),
+        (
+            ["metrics.serviceMonitor.enabled=true", "metrics.service.enabled=false"],
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled",
+        ),
+        (
+            ["operator.serviceAccount.create=false"],
+            "operator.serviceAccount.name is required when operator.serviceAccount.create is false",
+        ),
+    ],
+)  # fmt: skip
+def test_template_rejects(helm: Helm, sets: list[str], message: str) -> None:
+    proc = helm.template(sets=sets)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_defaults_serve_the_release_namespace_with_roles(helm: Helm) -> None:
+    docs = helm.render(namespace="dptr-system")
+    assert not _by_kind(docs, "ClusterRole") and not _by_kind(docs, "ClusterRoleBinding")
+    role = _one(docs, "Role", "dptr")
+    assert role["metadata"]["namespace"] == "dptr-system"
+    # The single source: files/operator-rules.yaml, nothing added (no Secret is readable).
+    assert role["rules"] == rules_file("operator-rules.yaml")
+    assert _one(docs, "Role", "dptr-leader-election")["rules"] == rules_file(
+        "operator-leader-election-rules.yaml"
+    )
+    assert _one(docs, "Role", "dptr-sidecar")["rules"] == rules_file("sidecar-role.yaml")
+    binding = _one(docs, "RoleBinding", "dptr")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "dptr", "namespace": "dptr-system"}]
+    sidecar_sa = _one(docs, "ServiceAccount", "dptr-sidecar")
+    assert sidecar_sa["automountServiceAccountToken"] is False
+    args = _container(docs)["args"]
+    assert "--namespace=dptr-system" in args
+    assert "--sidecar-image=ghcr.io/dptr-dev/dptr-sidecar:0.1.0" in args
+    assert "--sidecar-service-account=dptr-sidecar" in args
+    assert "--lease-namespace=dptr-system" in args
+
+
+def test_no_rule_grants_more_than_documented(helm: Helm) -> None:
+    """No wildcard, no exec/attach/port-forward, no Secret list/watch, nothing cluster-scoped."""
+    docs = helm.render(values=VALUE_SETS["everything"]("dptr-system", NS_A, NS_B))
+    docs += helm.render(values=VALUE_SETS["all-namespaces"]("dptr-system", NS_A, NS_B))
+    for doc in _by_kind(docs, "Role") + _by_kind(docs, "ClusterRole"):
+        for rule in doc["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+            assert not {"pods/exec", "pods/attach", "pods/portforward", "nodes", "namespaces"} & set(
+                rule["resources"]
+            ), rule
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
+            if "secrets" in rule["resources"]:
+                assert rule["verbs"] == ["get"] and rule.get("resourceNames"), rule
+            assert rule["apiGroups"] != ["rbac.authorization.k8s.io"], rule
+
+
+def test_watched_namespaces_and_credentials_secret(helm: Helm) -> None:
+    docs = helm.render(release="rel", values=VALUE_SETS["namespaced"]("dptr-system", NS_A, NS_B))
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in _by_kind(docs, "Role")}
+    assert roles == {
+        (NS_A, "rel-dptr"), (NS_B, "rel-dptr"), (NS_A, "rel-dptr-sidecar"), (NS_B, "rel-dptr-sidecar"),
+        ("dptr-system", "rel-dptr-leader-election"),
+    }  # fmt: skip
+    secret_rule = {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["dp-creds"],
+        "verbs": ["get"],
+    }
+    role = _one([d for d in docs if d["metadata"]["namespace"] == NS_A], "Role", "rel-dptr")
+    assert role["rules"] == [*rules_file("operator-rules.yaml"), secret_rule]
+    args = _container(docs)["args"]
+    assert f"--namespace={NS_A}" in args and f"--namespace={NS_B}" in args
+    assert "--all-namespaces" not in args
+    sas = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in _by_kind(docs, "ServiceAccount")}
+    assert set(sas) == {("dptr-system", "rel-dptr"), (NS_A, "dptr-sidecar"), (NS_B, "dptr-sidecar")}
+    assert sas[("dptr-system", "rel-dptr")]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/dptr-operator"
+    }
+    assert sas[(NS_A, "dptr-sidecar")]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/dptr-sidecar"
+    }
+
+
+def test_all_namespaces_uses_a_cluster_role(helm: Helm) -> None:
+    docs = helm.render(release="rel", values=VALUE_SETS["all-namespaces"]("dptr-system", NS_A, NS_B))
+    cluster_role = _one(docs, "ClusterRole", "rel-dptr")
+    assert cluster_role["rules"][:-1] == rules_file("operator-rules.yaml")
+    assert cluster_role["rules"][-1]["resourceNames"] == ["dp-creds", "other-creds"]
+    assert _one(docs, "ClusterRoleBinding", "rel-dptr")["roleRef"]["name"] == "rel-dptr"
+    assert {r["metadata"]["name"] for r in _by_kind(docs, "Role")} == {
+        "rel-dptr-leader-election",
+        "rel-dptr-sidecar",
+    }
+    assert {r["metadata"]["namespace"] for r in _by_kind(docs, "Role") if r["metadata"]["name"] == "rel-dptr-sidecar"} == {
+        NS_A, NS_B
+    }  # fmt: skip
+    args = _container(docs)["args"]
+    assert "--all-namespaces" in args
+    assert not [a for a in args if a.startswith("--namespace=")]
+
+
+def test_deployment_never_runs_two_pollers(helm: Helm) -> None:
+    with_lease = _one(helm.render(), "Deployment")
+    assert with_lease["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    without = helm.render(sets=["operator.leaderElection.enabled=false"])
+    assert _one(without, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--no-leader-election" in _container(without)["args"]
+    assert not [r for r in _by_kind(without, "Role") if r["metadata"]["name"].endswith("leader-election")]
+
+
+def test_deployment_security_and_probes(helm: Helm) -> None:
+    docs = helm.render()
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_everything(helm: Helm) -> None:
+    docs = helm.render(release="rel", namespace="ops", values=VALUE_SETS["everything"]("ops", NS_A, NS_B))
+    container = _container(docs)
+    assert container["image"] == "registry.example.com/dptr/operator@sha256:" + "ab" * 32
+    assert "--sidecar-image=registry.example.com/dptr/sidecar:0.1.0-rc1" in container["args"]
+    assert "--heartbeat-workers=32" in container["args"]
+    assert _one(docs, "Deployment")["spec"]["replicas"] == 2
+    assert _one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    monitor = _one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
+    assert _one(docs, "Service")["spec"]["ports"][0]["name"] == "http-metrics"
+    policy = _one(docs, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    runners = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in _by_kind(docs, "TaskRunner")}
+    assert set(runners) == {(NS_A, "etl"), (NS_A, "reports")}
+    assert runners[(NS_A, "etl")]["spec"]["credentials"]["secretRef"] == {"name": "dp-creds"}
+    for doc in docs:
+        assert doc["metadata"]["labels"]["team"] in {"data", "reports"}
+
+
+def test_pdb_max_unavailable_replaces_min_available(helm: Helm) -> None:
+    docs = helm.render(sets=["podDisruptionBudget.enabled=true", "podDisruptionBudget.maxUnavailable=1"])
+    assert _one(docs, "PodDisruptionBudget")["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": _one(docs, "Deployment")["spec"]["selector"]["matchLabels"]},
+    }
+
+
+def test_manifests_match_the_chart(helm: Helm) -> None:
+    """manifests/ is what scripts/generate-manifests.py makes from the chart, byte for byte."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "generate-manifests.py"),
+            "--check",
+            "--helm",
+            str(helm.binary),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        "manifests/ drifted from the chart; run scripts/generate-manifests.py\n" + proc.stdout[-4000:]
+    )
