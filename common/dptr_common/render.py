@@ -275,6 +275,13 @@ def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
     }
 
 
+def _override_env(container: dict[str, Any], extra: dict[str, str]) -> None:
+    names = set(extra)
+    container["env"] = [e for e in container["env"] if e["name"] not in names] + [
+        _env(name, value) for name, value in extra.items()
+    ]
+
+
 def _token_volume() -> dict[str, Any]:
     # The same layout as the automounted /var/run/secrets/kubernetes.io/serviceaccount, so
     # the sidecar's in-cluster config works unchanged; only the sidecar mounts it.
@@ -308,6 +315,7 @@ def render_job(
     namespace: str,
     owner: dict[str, Any],
     service_account_name: str | None = None,
+    sidecar_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
 
@@ -315,7 +323,9 @@ def render_job(
     is what the sidecar reports on.  ``sidecar_image`` is the operator's default, used
     unless the TaskRunner sets ``sidecarImage``.  ``service_account_name`` is the
     operator's default for the pod when the template names none (the account the
-    sidecar's RBAC is bound to).
+    sidecar's RBAC is bound to).  ``sidecar_env`` adds (or overrides) plain variables
+    of the sidecar and the script fetcher, e.g. ``{"DPTR_TIME_SCALE": "0.01"}`` from an
+    operator running time-scaled.
 
     Raises :class:`TaskError` (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``,
     ``dptr.InvalidTask.*``) for a task that cannot run; nothing must be created then.
@@ -374,6 +384,8 @@ def render_job(
         init_containers.append(_fetcher(task, runner, sidecar_image))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
         task_container["volumeMounts"] = [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True}]
+    for container in init_containers:
+        _override_env(container, sidecar_env or {})
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -1,0 +1,185 @@
+"""The operator's settings: command-line flags, each with an environment variable fallback.
+
+Precedence: flag > environment variable > default.  Every duration that comes from the
+Data Pipeline protocol (heartbeat intervals, the 15-minute runner heartbeat, graces,
+stale-claim timeouts) is given here in *protocol* seconds and multiplied by
+``time_scale`` where it is used (:meth:`OperatorConfig.scaled`); tests run with
+``--time-scale 0.01`` against a local service scaled the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping, Sequence
+
+from pydantic import BaseModel, Field, model_validator
+
+__all__ = ["OperatorConfig", "parse_args"]
+
+
+class OperatorConfig(BaseModel):
+    """Everything the operator is configured with (see docs/operator.md for each)."""
+
+    namespaces: list[str] = []
+    all_namespaces: bool = False
+    kubeconfig: str | None = None
+    identity: str = Field(default_factory=socket.gethostname)
+    time_scale: float = Field(default=1.0, gt=0, le=10)
+
+    sidecar_image: str = "ghcr.io/dptr-dev/dptr:0.1.0"
+    sidecar_service_account: str = "dptr-sidecar"
+
+    # Protocol-derived durations, in protocol seconds (scaled at use).
+    runner_heartbeat_seconds: float = Field(default=15 * 60, gt=0)
+    image_pull_grace_seconds: float = Field(default=10 * 60, ge=0)
+    unschedulable_grace_seconds: float = Field(default=30 * 60, ge=0)
+    #: How long the sidecar gets to report a pod's end before the operator reports it.
+    sidecar_report_grace_seconds: float = Field(default=60, ge=0)
+    #: A report claim older than this, and not reported, is taken over.
+    claim_stale_after_seconds: float = Field(default=10 * 60, gt=0)
+    #: Between runs of the sweep (graces, history limits, status publishing).
+    sweep_interval_seconds: float = Field(default=5, gt=0)
+
+    # Not protocol durations: real seconds.
+    lease_namespace: str | None = None
+    lease_name: str = "dptr-operator"
+    lease_duration_seconds: float = Field(default=15, gt=0)
+    lease_renew_seconds: float = Field(default=5, gt=0)
+    leader_election: bool = True
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    watch_server_timeout: float = Field(default=300, gt=0)
+    watch_client_timeout: float = Field(default=330, gt=0)
+    heartbeat_workers: int = Field(default=16, ge=1, le=256)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _scope(self) -> OperatorConfig:
+        if self.all_namespaces and self.namespaces:
+            raise ValueError("give --namespace or --all-namespaces, not both")
+        if not self.all_namespaces and not self.namespaces:
+            raise ValueError("give at least one --namespace, or --all-namespaces")
+        if self.lease_renew_seconds >= self.lease_duration_seconds:
+            raise ValueError("the lease renew interval must be shorter than the lease duration")
+        return self
+
+    def scaled(self, protocol_seconds: float) -> float:
+        """Real seconds for a duration of the protocol."""
+        return protocol_seconds * self.time_scale
+
+    @property
+    def holder(self) -> str:
+        """This replica's identity in report claims and heartbeat records."""
+        return f"operator/{self.identity}"
+
+    @property
+    def effective_lease_namespace(self) -> str:
+        if self.lease_namespace:
+            return self.lease_namespace
+        return os.environ.get("POD_NAMESPACE") or (self.namespaces[0] if self.namespaces else "default")
+
+
+def _env_list(env: Mapping[str, str], name: str) -> list[str]:
+    return [part.strip() for part in env.get(name, "").split(",") if part.strip()]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """Flags (with ``DPTR_*`` environment fallbacks) -> :class:`OperatorConfig`.
+
+    Raises ``SystemExit`` (argparse's usage error) for bad flags or an invalid combination.
+    """
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="dptr-operator", description="Kubernetes-native task runner for AWS Data Pipeline."
+    )
+    scope = parser.add_argument_group("scope")
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        dest="namespaces",
+        action="append",
+        default=None,
+        help="namespace to serve (repeatable; env DPTR_NAMESPACES, comma-separated)",
+    )
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        default=_truthy(env.get("DPTR_ALL_NAMESPACES")),
+        help="serve every namespace (env DPTR_ALL_NAMESPACES)",
+    )
+    parser.add_argument(
+        "--kubeconfig", default=env.get("KUBECONFIG") or None, help="out-of-cluster kubeconfig"
+    )
+    parser.add_argument(
+        "--identity",
+        default=env.get("POD_NAME") or socket.gethostname(),
+        help="this replica's name in leases and report claims (env POD_NAME; default: host name)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=float(env.get("DPTR_TIME_SCALE") or 1.0),
+        help="multiply every protocol-derived duration (tests: 0.01); env DPTR_TIME_SCALE",
+    )
+    parser.add_argument(
+        "--sidecar-image",
+        default=env.get("DPTR_SIDECAR_IMAGE") or "ghcr.io/dptr-dev/dptr:0.1.0",
+        help="default image of the dptr sidecar (a TaskRunner's sidecarImage wins)",
+    )
+    parser.add_argument(
+        "--sidecar-service-account",
+        default=env.get("DPTR_SIDECAR_SERVICE_ACCOUNT") or "dptr-sidecar",
+        help="service account of task pods whose TaskRunner names none",
+    )
+    durations = parser.add_argument_group("protocol durations (seconds, multiplied by --time-scale)")
+    for flag, default in (
+        ("--runner-heartbeat-seconds", 15 * 60),
+        ("--image-pull-grace-seconds", 10 * 60),
+        ("--unschedulable-grace-seconds", 30 * 60),
+        ("--sidecar-report-grace-seconds", 60),
+        ("--claim-stale-after-seconds", 10 * 60),
+        ("--sweep-interval-seconds", 5),
+    ):
+        env_name = "DPTR_" + flag[2:].upper().replace("-", "_")
+        durations.add_argument(flag, type=float, default=float(env.get(env_name) or default))
+    ha = parser.add_argument_group("high availability")
+    ha.add_argument("--lease-namespace", default=env.get("DPTR_LEASE_NAMESPACE") or None)
+    ha.add_argument("--lease-name", default=env.get("DPTR_LEASE_NAME") or "dptr-operator")
+    ha.add_argument(
+        "--lease-duration-seconds", type=float, default=float(env.get("DPTR_LEASE_DURATION") or 15)
+    )
+    ha.add_argument("--lease-renew-seconds", type=float, default=float(env.get("DPTR_LEASE_RENEW") or 5))
+    ha.add_argument(
+        "--no-leader-election",
+        dest="leader_election",
+        action="store_false",
+        default=not _truthy(env.get("DPTR_NO_LEADER_ELECTION")),
+        help="run without the Lease (only ever with a single replica)",
+    )
+    parser.add_argument("--http-host", default=env.get("DPTR_HTTP_HOST") or "0.0.0.0")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(env.get("DPTR_HTTP_PORT") or 8080),
+        help="/metrics, /healthz, /readyz (0: pick a free port and log it)",
+    )
+    parser.add_argument("--watch-server-timeout", type=float, default=300.0)
+    parser.add_argument("--watch-client-timeout", type=float, default=330.0)
+    parser.add_argument("--heartbeat-workers", type=int, default=int(env.get("DPTR_HEARTBEAT_WORKERS") or 16))
+    parser.add_argument("--log-level", default=env.get("DPTR_LOG_LEVEL") or "INFO")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    namespaces = args.namespaces if args.namespaces is not None else _env_list(env, "DPTR_NAMESPACES")
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    values["namespaces"] = namespaces
+    try:
+        return OperatorConfig(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # pragma: no cover - parser.error exits

@@ -1,0 +1,249 @@
+"""The operator's own heartbeats: one scheduler thread, one heap, a small worker pool.
+
+The operator heartbeats (ReportTaskProgress) every unfinished task whose sidecar has not
+taken over - while the pod is Pending, pulling, unschedulable - and every task whose
+sidecar's heartbeats went stale (then it takes them back, and says so in an Event).
+
+Cost model for thousands of tasks: each task is one heap item (no thread, no coroutine,
+no kopf daemon); a due item is checked against the index (cheap), and a heartbeat is
+submitted to a bounded pool only when a token of the runner's pacing budget is free.
+Items are spread: a new task's first heartbeat is at a random point of its interval,
+and the token bucket turns any backlog (after a restart) into an even stream at the
+budget rate instead of a burst.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from dptr_common import ledger
+from dptr_common.datapipeline import CredentialsError, DataPipelineError, TaskGone
+from dptr_common.kube import ApiError, NotFound
+from dptr_common.pacing import full_jitter_delay, jittered
+from dptr_operator.events import pipeline_task_ref
+from dptr_operator.index import TaskEntry, TaskKey
+
+if TYPE_CHECKING:
+    from dptr_operator.runtime import Operator
+
+__all__ = ["HeartbeatScheduler", "TokenBucket", "sidecar_stale_after"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up (not thread-safe: one user)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def configure(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = min(self.tokens, burst)
+
+    def take(self, now: float) -> float:
+        """Take a token: 0 when taken, else the seconds until one is free (none taken)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+def sidecar_stale_after(interval: float) -> float:
+    """Sidecar heartbeats older than this are stale: 1.5 intervals, so with an interval of
+    at most a third of reportProgressTimeout the operator is back within half of it."""
+    return interval * 1.5
+
+
+class HeartbeatScheduler:
+    def __init__(self, op: Operator) -> None:
+        self.op = op
+        self._heap: list[tuple[float, int, TaskKey]] = []
+        self._scheduled: dict[TaskKey, float] = {}
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(op.config.heartbeat_workers, thread_name_prefix="heartbeat")
+        self._buckets: dict[TaskKey, TokenBucket] = {}
+        self._failures: dict[TaskKey, int] = {}
+        self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._scheduled)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self, key: TaskKey, delay: float) -> None:
+        """Check ``key`` in ``delay`` seconds (an earlier existing time wins)."""
+        due = time.monotonic() + max(delay, 0.0)
+        with self._cv:
+            current = self._scheduled.get(key)
+            if current is not None and current <= due:
+                return
+            self._scheduled[key] = due
+            heapq.heappush(self._heap, (due, next(self._seq), key))
+            if self._heap[0][2] == key:
+                self._cv.notify()
+
+    def schedule_new(self, entry: TaskEntry) -> None:
+        """A task seen for the first time (dispatch or rebuild): first check spread evenly."""
+        interval = self.op.interval_for(entry)
+        if not entry.acknowledged:
+            self.schedule(entry.key, 0)
+            return
+        last = entry.heartbeat_last_at
+        if last is None:
+            self.schedule(entry.key, random.random() * interval)
+            return
+        age = (datetime.now(UTC) - last).total_seconds()
+        if entry.heartbeat_owner == "sidecar":
+            self.schedule(entry.key, max(sidecar_stale_after(interval) - age, 0) + 0.01)
+        else:
+            self.schedule(entry.key, max(interval - age, 0) * random.uniform(0.9, 1.0))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                now = time.monotonic()
+                if not self._heap:
+                    self._cv.wait(1.0)
+                    continue
+                due, _, key = self._heap[0]
+                if due > now:
+                    self._cv.wait(min(due - now, 1.0))
+                    continue
+                heapq.heappop(self._heap)
+                if self._scheduled.get(key) != due:
+                    continue  # superseded by an earlier schedule
+                del self._scheduled[key]
+            try:
+                self._check(key, now)
+            except Exception:
+                log.exception("heartbeat scheduling of %s failed", key)
+                self.schedule(key, 5.0)
+
+    def _check(self, key: TaskKey, now: float) -> None:
+        entry = self.op.index.get(key)
+        if entry is None or entry.terminal:
+            self._failures.pop(key, None)
+            return
+        if not self.op.leading:
+            self.schedule(key, 1.0)
+            return
+        interval = self.op.interval_for(entry)
+        if entry.heartbeat_owner == "sidecar" and entry.heartbeat_last_at is not None:
+            age = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds()
+            stale = sidecar_stale_after(interval)
+            if age < stale:
+                self.schedule(key, stale - age + 0.01)
+                return
+        bucket = self._bucket(entry)
+        wait = bucket.take(now)
+        if wait > 0:
+            self.schedule(key, wait)
+            return
+        if entry.heartbeat_last_at is not None and entry.acknowledged:
+            late = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds() - interval
+            self.op.metrics.heartbeat_lag.observe(max(late, 0.0))
+        self._pool.submit(self._beat, key)
+
+    def _bucket(self, entry: TaskEntry) -> TokenBucket:
+        worker = self.op.worker_for(entry)
+        budget = worker.spec.heartbeat.budget_per_second if worker is not None else 8.0
+        rate = budget / self.op.config.time_scale
+        bucket = self._buckets.get(entry.runner_key)
+        if bucket is None:
+            bucket = self._buckets[entry.runner_key] = TokenBucket(rate, max(rate, 1.0))
+        elif bucket.rate != rate:
+            bucket.configure(rate, max(rate, 1.0))
+        return bucket
+
+    # ------------------------------------------------------------------ one heartbeat
+
+    def _beat(self, key: TaskKey) -> None:
+        entry = self.op.index.get(key)
+        if entry is None or entry.terminal or entry.busy:
+            if entry is not None and entry.busy:
+                self.schedule(key, self.op.interval_for(entry) / 4)
+            return
+        worker = self.op.worker_for(entry)
+        interval = self.op.interval_for(entry)
+        if worker is None:
+            self.schedule(key, min(interval, 1.0))
+            return
+        took_over = entry.heartbeat_owner == "sidecar"
+        try:
+            with self.op.metrics.timed("ReportTaskProgress"):
+                canceled = worker.client().report_task_progress(entry.task_id)
+        except TaskGone as exc:
+            self.op.metrics.heartbeats.labels("gone").inc()
+            self.op.cancel(entry, "TaskGone", f"Data Pipeline no longer knows the task: {exc}")
+            return
+        except DataPipelineError as exc:
+            self.op.metrics.heartbeats.labels(exc.reason).inc()
+            if isinstance(exc, CredentialsError):
+                worker.refresh_credentials()
+            failures = self._failures.get(key, 0)
+            self._failures[key] = failures + 1
+            retry = full_jitter_delay(failures, base=max(self.op.config.scaled(2.0), 0.02), cap=interval / 2)
+            log.info(
+                "%s/%s: heartbeat failed (%s); retrying in %.2fs", entry.namespace, entry.name, exc, retry
+            )
+            with contextlib.suppress(ApiError):
+                ledger.record_heartbeat(self.op.kube, entry.namespace, entry.name, error=str(exc)[:500])
+            self.schedule(key, max(retry, 0.01))
+            return
+        self._failures.pop(key, None)
+        self.op.metrics.heartbeats.labels("ok").inc()
+        if canceled:
+            self.op.cancel(entry, "Canceled", "Data Pipeline canceled the task")
+            return
+        now = datetime.now(UTC)
+        try:
+            if took_over:
+                ledger.take_over_heartbeats(
+                    self.op.kube, entry.namespace, entry.name, owner="operator", by=self.op.config.holder
+                )
+                self.op.events.emit(
+                    pipeline_task_ref(entry.namespace, entry.name, entry.uid),
+                    "HeartbeatsResumed",
+                    "the sidecar's heartbeats went stale; the operator heartbeats the task again",
+                    "Warning",
+                )
+            else:
+                ledger.record_heartbeat(
+                    self.op.kube, entry.namespace, entry.name, by=self.op.config.holder, at=now
+                )
+            if not entry.acknowledged:
+                self.op.mark_acknowledged(entry, now)
+        except NotFound:
+            self.op.index.remove(key)
+            return
+        except ApiError as exc:
+            log.warning("%s/%s: recording the heartbeat failed: %s", entry.namespace, entry.name, exc)
+        self.op.index.update(key, heartbeat_last_at=now, heartbeat_owner="operator")
+        self.schedule(key, jittered(interval, fraction=0.1))

@@ -1,0 +1,199 @@
+"""The in-memory index of PipelineTasks: what the hot paths read instead of the API.
+
+It is rebuilt from the PipelineTasks at start (a list) and kept current by the watch
+(kopf ``on.event``) and by the operator's own writes.  One small slotted record per
+task, so 5,000 active tasks cost well under a megabyte; no per-object daemon, no
+cached copy of whole objects.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dptr_common.ledger import parse_time
+from dptr_common.models import TERMINAL_PHASES
+
+__all__ = ["TaskEntry", "TaskIndex", "TaskKey"]
+
+TaskKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(slots=True)
+class TaskEntry:
+    """What the operator needs to know about one PipelineTask."""
+
+    namespace: str
+    name: str
+    runner: str
+    task_id: str
+    pipeline_id: str
+    attempt_id: str
+    object_type: str | None
+    uid: str | None
+    phase: str = "Pending"
+    job_name: str | None = None
+    pod_name: str | None = None
+    acknowledged: bool = False
+    heartbeat_owner: str = "operator"
+    heartbeat_last_at: datetime | None = None
+    report_claimed_by: str | None = None
+    reported: bool = False
+    canceled: bool = False
+    report_progress_timeout: int | None = None
+    finished_at: datetime | None = None
+    created_at: datetime | None = None
+    #: Operator-side, not persisted: since when a pod problem (image pull, unschedulable,
+    #: pod ended without a report) has been seen, and what it is.
+    problem: str | None = None
+    problem_message: str | None = None
+    problem_since: float | None = None
+    problem_outcome: Any = None
+    #: A fallback report or a cancel is being worked on (not persisted).
+    busy: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> TaskKey:
+        return (self.namespace, self.name)
+
+    @property
+    def runner_key(self) -> TaskKey:
+        return (self.namespace, self.runner)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES or self.reported or self.canceled
+
+    @classmethod
+    def from_k8s(cls, obj: Mapping[str, Any]) -> TaskEntry:
+        """From a PipelineTask as the API returns it (raw dict: cheaper than the model)."""
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        status = obj.get("status") or {}
+        heartbeat = status.get("heartbeat") or {}
+        report = status.get("report") or {}
+        canceled = status.get("canceled") or {}
+        return cls(
+            namespace=str(meta.get("namespace") or ""),
+            name=str(meta.get("name") or ""),
+            runner=str(spec.get("taskRunner") or ""),
+            task_id=str(spec.get("taskId") or ""),
+            pipeline_id=str(spec.get("pipelineId") or ""),
+            attempt_id=str(spec.get("attemptId") or ""),
+            object_type=spec.get("objectType"),
+            uid=meta.get("uid"),
+            phase=str(status.get("phase") or "Pending"),
+            job_name=status.get("jobName"),
+            pod_name=status.get("podName"),
+            acknowledged=bool(status.get("acknowledgedAt")),
+            heartbeat_owner=str(heartbeat.get("owner") or "operator"),
+            heartbeat_last_at=parse_time(heartbeat.get("lastAt")),
+            report_claimed_by=report.get("claimedBy"),
+            reported=bool(report.get("reportedAt")),
+            canceled=bool(canceled.get("at")) or status.get("phase") == "Canceled",
+            report_progress_timeout=spec.get("reportProgressTimeoutSeconds"),
+            finished_at=parse_time(report.get("reportedAt") or canceled.get("at")),
+            created_at=parse_time(meta.get("creationTimestamp")),
+        )
+
+    def absorb(self, newer: TaskEntry) -> None:
+        """Take the persisted fields of a newer read of the same object; keep ours."""
+        for name in (
+            "phase",
+            "job_name",
+            "pod_name",
+            "acknowledged",
+            "heartbeat_owner",
+            "report_claimed_by",
+            "reported",
+            "canceled",
+            "finished_at",
+            "uid",
+        ):
+            setattr(self, name, getattr(newer, name))
+        # A heartbeat time never goes back (our own write may be ahead of the watch).
+        if newer.heartbeat_last_at and (
+            self.heartbeat_last_at is None or newer.heartbeat_last_at > self.heartbeat_last_at
+        ):
+            self.heartbeat_last_at = newer.heartbeat_last_at
+
+
+class TaskIndex:
+    """Thread-safe map of (namespace, name) -> :class:`TaskEntry` with per-runner active sets."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._entries: dict[TaskKey, TaskEntry] = {}
+        self._active: dict[TaskKey, set[TaskKey]] = {}
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def upsert(self, entry: TaskEntry) -> tuple[TaskEntry, str | None]:
+        """Insert or refresh; returns (the indexed entry, the phase it had before or None)."""
+        with self._lock:
+            current = self._entries.get(entry.key)
+            before = None
+            if current is None or (entry.uid and current.uid and entry.uid != current.uid):
+                current = entry
+                self._entries[entry.key] = entry
+            else:
+                before = current.phase
+                current.absorb(entry)
+            self._track(current)
+            return current, before
+
+    def _track(self, entry: TaskEntry) -> None:
+        active = self._active.setdefault(entry.runner_key, set())
+        if entry.terminal:
+            active.discard(entry.key)
+        else:
+            active.add(entry.key)
+
+    def update(self, key: TaskKey, **changes: Any) -> TaskEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            for name, value in changes.items():
+                setattr(entry, name, value)
+            self._track(entry)
+            return entry
+
+    def remove(self, key: TaskKey) -> TaskEntry | None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._active.get(entry.runner_key, set()).discard(key)
+            return entry
+
+    def get(self, key: TaskKey) -> TaskEntry | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def active_count(self, runner_key: TaskKey) -> int:
+        with self._lock:
+            return len(self._active.get(runner_key, ()))
+
+    def active_keys(self, runner_key: TaskKey | None = None) -> list[TaskKey]:
+        with self._lock:
+            if runner_key is not None:
+                return list(self._active.get(runner_key, ()))
+            return [k for keys in self._active.values() for k in keys]
+
+    def for_runner(self, runner_key: TaskKey) -> list[TaskEntry]:
+        with self._lock:
+            return [e for e in self._entries.values() if e.runner_key == runner_key]
+
+    def __iter__(self) -> Iterator[TaskEntry]:
+        with self._lock:
+            return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)

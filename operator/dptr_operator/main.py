@@ -1,0 +1,87 @@
+"""kopf wiring: thin, stateless event handlers that hand everything to :class:`Operator`.
+
+* TaskRunners and PipelineTasks: ``on.event`` (the operator keeps its own in-memory index;
+  no kopf progress annotations are written on either).
+* Jobs and Pods: ``on.event`` with a server-side label selector (only dptr's task Jobs
+  and pods are streamed), never patched.
+* Watches use ``server_timeout``/``client_timeout`` so a silent stream is re-opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from dptr_common import naming
+from dptr_common.models import GROUP, PIPELINE_TASK_PLURAL, TASK_RUNNER_PLURAL, VERSION
+from dptr_operator.config import OperatorConfig
+from dptr_operator.runtime import Operator
+
+__all__ = ["build_registry", "configure"]
+
+_TASK_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_ROLE}=task"
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """kopf settings: dptr's own prefixes, watch timeouts, selectors, no kopf Events."""
+    settings.persistence.finalizer = "dptr.dev/kopf-finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.DOMAIN)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=naming.DOMAIN, key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = int(config.watch_server_timeout)  # the API wants an integer
+    settings.watching.client_timeout = config.watch_client_timeout
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.watching.label_selectors[("batch", "v1", "jobs")] = _TASK_SELECTOR
+    settings.watching.label_selectors[("v1", "pods")] = _TASK_SELECTOR
+    settings.posting.enabled = False  # dptr writes its own Events
+    settings.execution.max_workers = 4
+
+
+def build_registry(op: Operator, config: OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        # From dptr's own client config (kubeconfig or in-cluster): no kubernetes package
+        # import, and a rotated projected token is re-read on every re-login.
+        kc = op.kube.config
+        return kopf.ConnectionInfo(
+            server=kc.server,
+            ca_path=kc.ca_file,
+            ca_data=kc.ca_data,
+            insecure=kc.insecure or None,
+            token=kc.bearer_token(force=True),
+            scheme="Bearer" if kc.bearer_token() else None,
+            certificate_path=kc.cert_file,
+            certificate_data=kc.cert_data,
+            private_key_path=kc.key_file,
+            private_key_data=kc.key_data,
+            default_namespace=kc.namespace,
+        )
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**kwargs: Any) -> None:
+        configure(kwargs["settings"], config)
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+
+    @kopf.on.event(GROUP, VERSION, TASK_RUNNER_PLURAL, registry=registry)
+    async def task_runner_event(**kwargs: Any) -> None:
+        op.on_runner_event(kwargs["event"].get("type"), kwargs["body"])
+
+    @kopf.on.event(GROUP, VERSION, PIPELINE_TASK_PLURAL, registry=registry)
+    async def pipeline_task_event(**kwargs: Any) -> None:
+        op.on_task_event(kwargs["event"].get("type"), kwargs["body"])
+
+    @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_ROLE: "task"}, registry=registry)
+    async def job_event(**kwargs: Any) -> None:
+        op.on_job_event(kwargs["event"].get("type"), kwargs["body"])
+
+    @kopf.on.event("", "v1", "pods", labels={naming.LABEL_ROLE: "task"}, registry=registry)
+    async def pod_event(**kwargs: Any) -> None:
+        op.on_pod_event(kwargs["event"].get("type"), kwargs["body"])
+
+    return registry

@@ -1,0 +1,52 @@
+"""Polling -> PipelineTask -> ack -> Job, and the operator's heartbeats while the pod waits."""
+
+from __future__ import annotations
+
+import pytest
+from op_helpers import Cluster, OperatorProcess, wait_for
+
+from dptr_datapipeline import LocalDataPipeline
+
+pytestmark = pytest.mark.cluster
+
+
+def test_task_becomes_pipelinetask_acked_job_and_is_heartbeated_then_canceled(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    cluster.create_runner(datapipeline, "wg-dispatch")
+    pipeline = datapipeline.run_pipeline(
+        {"Echo": {"type": "ShellCommandActivity", "command": "echo hi"}}, worker_group="wg-dispatch"
+    )
+
+    task = wait_for(cluster.tasks, what="a PipelineTask")[0]
+    assert task["spec"]["pipelineId"] == pipeline
+    assert task["metadata"]["ownerReferences"][0]["kind"] == "TaskRunner"
+    job = wait_for(cluster.jobs, what="a Job")[0]
+    assert job["metadata"]["name"] == task["metadata"]["name"]
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "PipelineTask"
+    assert job["spec"]["backoffLimit"] == 0
+    sidecar = job["spec"]["template"]["spec"]["initContainers"][0]
+    assert {"name": "DPTR_TIME_SCALE", "value": "0.01"} in sidecar["env"]
+
+    attempt = next(iter(datapipeline.ledger.attempts.values()))
+    wait_for(lambda: attempt.acked_at is not None, what="the ack")
+    assert attempt.acked_at - attempt.polled_at < 1.2  # the scaled 2-minute window
+    # The pod cannot run (no node): the operator keeps the task alive well past its
+    # (scaled, 9 s) reportProgressTimeout.
+    wait_for(lambda: attempt.progress_calls >= 5, timeout=30, what="operator heartbeats")
+    status = wait_for(
+        lambda: cluster.tasks()[0].get("status", {}).get("acknowledgedAt") and cluster.tasks()[0]["status"]
+    )
+    assert status["heartbeat"]["owner"] == "operator"
+    assert status["jobName"] == job["metadata"]["name"]
+    runner = cluster.runner()
+    wait_for(lambda: cluster.runner().get("status", {}).get("active") == 1, what="active=1")
+    assert cluster.runner()["status"]["taskrunnerId"]
+    assert runner["status"]["heartbeatIntervalSeconds"] == 60
+
+    # Cancel it at Data Pipeline: the Job goes, the task is Canceled, no SetTaskStatus.
+    datapipeline.client().deactivate_pipeline(pipelineId=pipeline, cancelActive=True)
+    wait_for(lambda: cluster.tasks()[0]["status"]["phase"] == "Canceled", timeout=30, what="Canceled")
+    wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    assert not datapipeline.ledger.calls_to("SetTaskStatus")
+    datapipeline.assert_clean()

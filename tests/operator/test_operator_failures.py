@@ -1,0 +1,168 @@
+"""Failure paths the operator owns: cancels, gone tasks, invalid tasks, pod failures,
+deadlines, TaskRunner deletion.  Pods never run here (the shared bed has no node): the
+operator heartbeats every task itself, and pod failures are written as pod status."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from op_helpers import Cluster, OperatorProcess, wait_for
+
+from dptr_datapipeline import LocalDataPipeline
+
+pytestmark = pytest.mark.cluster
+
+ECHO = {"type": "ShellCommandActivity", "command": "echo hi"}
+
+
+def _phase(cluster: Cluster, name: str) -> str | None:
+    task = next((t for t in cluster.tasks() if t["metadata"]["name"] == name), None)
+    return (task or {}).get("status", {}).get("phase")
+
+
+def test_task_not_found_cancels_without_set_task_status(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    cluster.create_runner(datapipeline, "wg-gone")
+    pipeline = datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-gone")
+    wait_for(cluster.jobs, what="a Job")
+    datapipeline.client().delete_pipeline(pipelineId=pipeline)
+    task = wait_for(
+        lambda: [t for t in cluster.tasks() if t.get("status", {}).get("phase") == "Canceled"],
+        timeout=30,
+        what="Canceled",
+    )[0]
+    assert task["status"]["canceled"]["reason"] in ("TaskGone", "Canceled")
+    wait_for(lambda: not cluster.jobs(), what="Job deleted")
+    assert not datapipeline.ledger.calls_to("SetTaskStatus")
+    datapipeline.assert_clean()
+
+
+def test_invalid_tasks_fail_with_error_id_and_no_job(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    cluster.create_runner(datapipeline, "wg-invalid")
+    datapipeline.run_pipeline(
+        {
+            "BadImage": {"type": "ShellCommandActivity", "command": "true", "myImage": "evil/miner:latest"},
+            "BadTimeout": {"type": "ShellCommandActivity", "command": "true", "attemptTimeout": "soon"},
+        },
+        worker_group="wg-invalid",
+    )
+    wait_for(
+        lambda: len([o for o in datapipeline.ledger.outcomes().values() if o]) == 2,
+        timeout=30,
+        what="2 outcomes",
+    )
+    records = {r.object_id: r for r in datapipeline.ledger.attempts.values()}
+    assert records["BadImage"].outcome == "FAILED"
+    assert records["BadImage"].error_id == "dptr.ImageNotAllowed"
+    assert records["BadTimeout"].outcome == "FAILED"
+    assert records["BadTimeout"].error_id.startswith("dptr.InvalidTask.BadPeriod")
+    assert not cluster.jobs()
+    assert cluster.events("InvalidTask")
+    # The operator keeps running and keeps polling.
+    datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-invalid")
+    wait_for(cluster.jobs, what="a Job for the next, valid task")
+    assert operator.alive()
+    datapipeline.client().delete_pipeline(
+        pipelineId=next(iter(datapipeline.ledger.attempts.values())).pipeline_id
+    )
+    for record in list(datapipeline.ledger.attempts.values()):
+        if record.outcome is None:
+            datapipeline.client().deactivate_pipeline(pipelineId=record.pipeline_id)
+    wait_for(
+        lambda: all(t["status"].get("phase") in ("Failed", "Canceled") for t in cluster.tasks()), timeout=30
+    )
+    datapipeline.assert_clean()
+
+
+@pytest.mark.parametrize("failure", ["Evicted", "OOMKilled"])
+def test_pod_failure_is_reported_once_by_the_operator(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess, failure: str
+) -> None:
+    cluster.create_runner(datapipeline, f"wg-{failure.lower()}")
+    datapipeline.run_pipeline({"Echo": ECHO}, worker_group=f"wg-{failure.lower()}")
+    pod = wait_for(cluster.pods, what="the task pod")[0]
+    name = pod["metadata"]["name"]
+    if failure == "Evicted":
+        status = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+    else:
+        status = {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "task",
+                    "image": "debian:bookworm",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                }
+            ],
+        }
+    cluster.patch_pod_status(name, status)
+    record = next(iter(datapipeline.ledger.attempts.values()))
+    wait_for(lambda: record.outcome is not None, timeout=30, what="the outcome")
+    assert record.outcome == "FAILED"
+    assert record.error_id == f"dptr.{failure}"
+    task = wait_for(
+        lambda: cluster.tasks()[0]["status"].get("report", {}).get("reportedAt") and cluster.tasks()[0]
+    )
+    assert task["status"]["report"]["reportedBy"].startswith("operator/")
+    assert task["status"]["phase"] == "Failed"
+    time.sleep(1.5)  # more pod events must not produce a second report
+    assert len(datapipeline.ledger.calls_to("SetTaskStatus")) == 1
+    datapipeline.assert_clean()
+
+
+def test_attempt_timeout_is_reported_as_deadline_exceeded(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    cluster.create_runner(datapipeline, "wg-deadline")
+    datapipeline.run_pipeline(
+        {"Slow": {"type": "ShellCommandActivity", "command": "sleep 600", "attemptTimeout": "3 seconds"}},
+        worker_group="wg-deadline",
+    )
+    job = wait_for(cluster.jobs, what="a Job")[0]
+    assert job["spec"]["activeDeadlineSeconds"] == 3
+    record = next(iter(datapipeline.ledger.attempts.values()))
+    wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")
+    assert (record.outcome, record.error_id) == ("FAILED", "dptr.DeadlineExceeded")
+    datapipeline.assert_clean()
+
+
+def test_unschedulable_past_grace_fails_and_removes_the_job(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator_factory
+) -> None:
+    operator_factory("--unschedulable-grace-seconds", "200").start()  # 2 s at 0.01
+    cluster.create_runner(datapipeline, "wg-unsched")
+    datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-unsched")
+    record = wait_for(lambda: next(iter(datapipeline.ledger.attempts.values()), None), what="polled")
+    wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")
+    assert (record.outcome, record.error_id) == ("FAILED", "dptr.Unschedulable")
+    wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    datapipeline.assert_clean()
+
+
+def test_deleting_the_taskrunner_fails_running_tasks_then_releases_it(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    cluster.create_runner(datapipeline, "wg-delete")
+    wait_for(lambda: "dptr.dev/task-runner" in (cluster.runner()["metadata"].get("finalizers") or []))
+    datapipeline.run_pipeline({"A": ECHO, "B": ECHO}, worker_group="wg-delete")
+    wait_for(lambda: len(cluster.jobs()) == 2, what="two Jobs")
+    cluster.testbed.kubectl("delete", "taskrunner", "runner", "-n", cluster.namespace, "--wait=false")
+    wait_for(lambda: all(o == "FAILED" for o in datapipeline.ledger.outcomes().values()), timeout=30)
+    for record in datapipeline.ledger.attempts.values():
+        assert record.error_id == "dptr.TaskRunnerDeleted"
+    wait_for(
+        lambda: (
+            not cluster.testbed.kubectl("get", "taskrunners", "-n", cluster.namespace, "-o", "name").strip()
+        ),
+        timeout=30,
+        what="the TaskRunner gone",
+    )
+    wait_for(lambda: not cluster.jobs(), timeout=30, what="Jobs garbage-collected")
+    datapipeline.assert_clean()

@@ -1,0 +1,48 @@
+"""A repeated poll of the same attempt creates nothing new (dispatch run in-process)."""
+
+from __future__ import annotations
+
+import pytest
+from op_helpers import Cluster, wait_for
+
+from dptr_common.kube import KubeClient
+from dptr_common.models import TaskRunner
+from dptr_datapipeline import LocalDataPipeline
+from dptr_operator import dispatch
+from dptr_operator.config import OperatorConfig
+from dptr_operator.polling import RunnerWorker
+from dptr_operator.runtime import Operator
+
+pytestmark = pytest.mark.cluster
+
+
+def test_same_attempt_dispatched_twice_makes_one_pipelinetask_and_one_job(
+    cluster: Cluster, datapipeline: LocalDataPipeline
+) -> None:
+    cluster.create_runner(datapipeline, "wg-repeat")
+    pipeline = datapipeline.run_pipeline(
+        {"Echo": {"type": "ShellCommandActivity", "command": "echo hi"}}, worker_group="wg-repeat"
+    )
+    raw = wait_for(
+        lambda: (
+            datapipeline.client().poll_for_task(workerGroup="wg-repeat", hostname="test").get("taskObject")
+        ),
+        what="a task",
+    )
+    op = Operator(
+        OperatorConfig(namespaces=[cluster.namespace], time_scale=0.01, identity="in-process"),
+        KubeClient.from_kubeconfig(cluster.testbed.kubeconfig),
+    )
+    op.leading = True
+    try:
+        worker = RunnerWorker(op, TaskRunner.from_k8s(cluster.runner()))
+        dispatch.dispatch(op, worker, raw)
+        dispatch.dispatch(op, worker, raw)
+        assert len(cluster.tasks()) == 1
+        assert len(cluster.jobs()) == 1
+        assert cluster.tasks()[0]["status"]["jobName"] == cluster.jobs()[0]["metadata"]["name"]
+        assert op.index.active_count((cluster.namespace, "runner")) == 1
+    finally:
+        op.stop()
+    datapipeline.client().deactivate_pipeline(pipelineId=pipeline, cancelActive=True)
+    datapipeline.assert_clean()
