@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # Parallel workers for the test suite; 2 cores on the reference machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup binaries lint test unit demo manifests clean
+.PHONY: setup binaries node-prereqs lint test unit demo manifests clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dptr needs Python 3.11+"'
@@ -23,16 +23,22 @@ setup: $(VENV)/.installed
 binaries: setup
 	$(VENV)/bin/dptr-testbed build
 
+# The real node (containerd, runc, CNI, podman, debootstrap from Debian's
+# packages; kubelet and kube-proxy from the same Go modules) for tests/realnode.
+node-prereqs: setup
+	# Not fatal: without them tests/realnode fails and says what is missing.
+	-$(VENV)/bin/dptr-testbed node-prereqs --install --build
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: setup binaries lint
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+test: setup binaries node-prereqs lint
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 unit: setup
-	$(VENV)/bin/pytest -m 'not cluster'
+	$(VENV)/bin/pytest -m 'not cluster and not realnode'
 
 demo: setup binaries
 	$(VENV)/bin/dptr-testbed demo

@@ -24,7 +24,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from .controlplane import StartupError, Testbed
 
     nodes = [f"node-{i + 1}" for i in range(args.nodes)]
-    bed = Testbed(Path(args.state_dir), nodes=nodes, kubelet=not args.no_kubelet)
+    if args.real_node and (args.nodes != 1 or args.no_kubelet):
+        print(
+            "dptr-testbed: --real-node runs exactly one node (no --nodes, no --no-kubelet)", file=sys.stderr
+        )
+        return 2
+    bed = Testbed(Path(args.state_dir), nodes=nodes, kubelet=not args.no_kubelet, real_node=args.real_node)
+    started = time.monotonic()
     stop = False
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -38,7 +44,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except StartupError as err:
         print(f"dptr-testbed: startup failed: {err}", file=sys.stderr)
         return 1
-    print(f"test bed up: {bed.server}")
+    print(f"test bed up: {bed.server} ({time.monotonic() - started:.0f}s)")
+    if bed.node_handle is not None:
+        print(
+            f"  real node {bed.node_handle.name} at {bed.node_handle.address}: images {bed.images_seconds:.0f}s, "
+            f"containerd {bed.node_handle.containerd_socket}"
+        )
     print(f"  export KUBECONFIG={bed.kubeconfig}")
     print(f"  nodes: {', '.join(nodes) if not args.no_kubelet else '(none)'}")
     print("  Ctrl-C or `dptr-testbed down --state-dir " + str(args.state_dir) + "` stops it", flush=True)
@@ -76,6 +87,42 @@ def _cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_images(args: argparse.Namespace) -> int:
+    from . import images
+
+    started = time.monotonic()
+    try:
+        built = images.ensure_all()
+    except images.ImageBuildError as err:
+        print(f"dptr-testbed images: {err}", file=sys.stderr)
+        return 1
+    for tag, archive in built.archives.items():
+        print(f"{tag}\t{images.image_size(tag) / 1e6:.0f} MB\t{archive}")
+    print(f"images ready in {time.monotonic() - started:.0f}s")
+    if args.verify:
+        failures = images.verify(built)
+        if failures:
+            print("dptr-testbed images: verification failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+            return 1
+        print("verified under containerd: non-root, no kopf in the sidecar, exit codes pass through")
+    return 0
+
+
+def _cmd_node_prereqs(args: argparse.Namespace) -> int:
+    from . import realnode
+
+    if args.install:
+        realnode.install_prerequisites()
+    if args.build:
+        binaries.ensure(node=True)
+    missing = realnode.missing_prerequisites(with_kube_binaries=args.build)
+    if missing:
+        print("dptr-testbed: the real node needs:\n  - " + "\n  - ".join(missing), file=sys.stderr)
+        return 1
+    print(f"real-node prerequisites present (cgroups: {realnode.cgroup_mode()})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     print(
         "dptr-testbed demo: not yet available (the end-to-end demo lands with the demo issue)",
@@ -96,11 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--state-dir", required=True)
     up.add_argument("--nodes", type=int, default=1, help="number of fake nodes (default 1)")
     up.add_argument("--no-kubelet", action="store_true", help="start the control plane only")
+    up.add_argument(
+        "--real-node",
+        action="store_true",
+        help="run one real node (containerd, kubelet, CNI, kube-proxy; needs root) instead of stand-ins",
+    )
     up.set_defaults(func=_cmd_up)
 
     down = sub.add_parser("down", help="stop the test bed running in --state-dir")
     down.add_argument("--state-dir", required=True)
     down.set_defaults(func=_cmd_down)
+
+    imgs = sub.add_parser("images", help="build the real node's images (base, pause, operator, sidecar)")
+    imgs.add_argument("--verify", action="store_true", help="then check them under a scratch containerd")
+    imgs.set_defaults(func=_cmd_images)
+
+    prereqs = sub.add_parser("node-prereqs", help="check (and install) what the real node needs")
+    prereqs.add_argument("--install", action="store_true", help="apt-get install the Debian packages")
+    prereqs.add_argument("--build", action="store_true", help="also build kubelet and kube-proxy")
+    prereqs.set_defaults(func=_cmd_node_prereqs)
 
     demo = sub.add_parser("demo", help="run the local end-to-end demo")
     demo.set_defaults(func=_cmd_demo)

@@ -21,9 +21,14 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import binaries
 from .pki import CertPair, Pki
+
+if TYPE_CHECKING:
+    from .images import BuiltImages
+    from .realnode import RealNode
 
 SERVICE_CIDR = "10.96.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -141,6 +146,12 @@ class Testbed:
     components: dict[str, Component] = field(default_factory=dict)
     apiserver_port: int = 0
     etcd_port: int = 0
+    # --real-node: the first node is a real kubelet with containerd, CNI and
+    # kube-proxy (see realnode.py) instead of a stand-in.
+    real_node: bool = False
+    node_handle: RealNode | None = None
+    built_images: BuiltImages | None = None
+    images_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -162,15 +173,19 @@ class Testbed:
 
     # ---- lifecycle ---------------------------------------------------------
     def start(self, timeout: float = 120.0) -> None:
-        bins = binaries.ensure()
+        bins = binaries.ensure(node=self.real_node)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.etcd_port = free_port()
         self.apiserver_port = free_port()
         try:
+            if self.real_node:
+                self._prepare_real_node()
             self._start_etcd(bins, timeout)
             self._start_apiserver(bins, timeout)
             self._start_controllers(bins)
-            if self.kubelet:
+            if self.real_node:
+                self._start_real_node(timeout)
+            elif self.kubelet:
                 for node in self.nodes:
                     self.start_node(node)
             self._wait_ready(timeout)
@@ -185,12 +200,18 @@ class Testbed:
                     "kubeconfig": str(self.kubeconfig),
                     "nodes": list(self.nodes),
                     "components": {n: c.proc.pid for n, c in self.components.items() if c.proc},
+                    "realNode": self._real_node_info(),
                 },
                 indent=2,
             )
         )
 
     def stop(self) -> None:
+        if self.node_handle is not None:
+            # First drain the real node's pods while the API server still runs,
+            # then stop its processes and undo its host changes.
+            self.node_handle.stop(drain=self._drain_pods)
+            self.node_handle = None
         # Reverse start order: nodes, controllers, apiserver, etcd.
         for comp in reversed(list(self.components.values())):
             comp.stop()
@@ -229,12 +250,13 @@ class Testbed:
         self._wait_http(comp, f"{url}/health", timeout)
 
     def _start_apiserver(self, bins: binaries.Binaries, timeout: float) -> None:
+        node_ips = (self.node_handle.address,) if self.node_handle is not None else ()
         serving = self.pki.issue(
             "apiserver",
             cn="kube-apiserver",
             server=True,
             dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-            ips=("127.0.0.1", "10.96.0.1"),
+            ips=("127.0.0.1", "10.96.0.1", *node_ips),
         )
         kubelet_client = self.pki.issue(
             "apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", org="system:masters", client=True
@@ -247,25 +269,23 @@ class Testbed:
             [
                 str(bins.kube_apiserver),
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                *self._apiserver_network_flags(),
                 f"--secure-port={self.apiserver_port}",
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
                 f"--client-ca-file={self.pki.ca.cert}",
-                "--authorization-mode=RBAC",
+                # A real kubelet authenticates as system:node:<name>: the Node
+                # authorizer and NodeRestriction admission serve it.
+                "--authorization-mode=" + ("Node,RBAC" if self.real_node else "RBAC"),
                 "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,"
                 "DefaultTolerationSeconds,ResourceQuota,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,"
-                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicy" + (",NodeRestriction" if self.real_node else ""),
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={sa.cert}",
                 f"--service-account-signing-key-file={sa.key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 f"--kubelet-client-certificate={kubelet_client.cert}",
                 f"--kubelet-client-key={kubelet_client.key}",
-                # Loopback cannot be a Service endpoint; the bed has no
-                # pod network, so the kubernetes Service keeps no endpoints.
-                "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
@@ -275,6 +295,74 @@ class Testbed:
         self.components["kube-apiserver"] = comp
         comp.start()
         self._wait_http(comp, f"{self.server}/readyz", timeout, tls=(admin, self.pki.ca.cert))
+
+    def _apiserver_network_flags(self) -> list[str]:
+        if self.node_handle is None:
+            # Loopback cannot be a Service endpoint; the bed has no
+            # pod network, so the kubernetes Service keeps no endpoints.
+            return [
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+            ]
+        # With a real node, pods reach the API server through the kubernetes
+        # Service, whose endpoint is the advertised address: the pod bridge's
+        # gateway on this host. The host itself keeps using 127.0.0.1.
+        return [
+            "--bind-address=0.0.0.0",
+            f"--advertise-address={self.node_handle.address}",
+            # The node's name does not resolve; logs and exec go to its InternalIP.
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+
+    # ---- the real node (--real-node) -----------------------------------------
+    def _prepare_real_node(self) -> None:
+        from . import images, realnode
+
+        if len(self.nodes) != 1:
+            raise StartupError("--real-node runs exactly one node")
+        handle = realnode.RealNode(self.state_dir / "node", self.nodes[0], self.pki, self.server)
+        try:
+            handle.prepare()
+            started = time.monotonic()
+            self.built_images = images.ensure_all()
+            self.images_seconds = time.monotonic() - started
+        except (realnode.RealNodeError, images.ImageBuildError) as err:
+            handle.stop()
+            raise StartupError(str(err)) from err
+        self.node_handle = handle
+
+    def _start_real_node(self, timeout: float) -> None:
+        from . import realnode
+
+        assert self.node_handle is not None and self.built_images is not None
+        try:
+            self.components.update(self.node_handle.start(self.built_images, timeout))
+        except realnode.RealNodeError as err:
+            raise StartupError(str(err)) from err
+
+    def _drain_pods(self) -> None:
+        self.kubectl(
+            "delete",
+            "pods",
+            "--all",
+            "--all-namespaces",
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+            check=False,
+        )
+
+    def _real_node_info(self) -> dict[str, object] | None:
+        if self.node_handle is None:
+            return None
+        return {
+            "name": self.node_handle.name,
+            "address": self.node_handle.address,
+            "containerdSocket": str(self.node_handle.containerd_socket),
+            "imagesSeconds": round(self.images_seconds, 1),
+            "importSeconds": round(self.node_handle.import_seconds, 1),
+        }
 
     def _component_kubeconfig(self, name: str, cn: str) -> Path:
         pair = self.pki.issue(name, cn=cn, client=True)
