@@ -44,7 +44,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Confi
             state.mkdir(parents=True, exist_ok=True)
             log = (state.parent / "testbed-up.log").open("ab")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dptr_testbed.cli", "up", "--state-dir", str(state), "--no-kubelet"],
+                [sys.executable, "-m", "dptr_testbed.cli", "up", "--state-dir", str(state), "--nodes", "2"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
