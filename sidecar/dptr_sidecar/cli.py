@@ -1,13 +1,89 @@
-"""``dptr-sidecar``: entry point (not implemented yet)."""
+"""``dptr-sidecar``: the task pod's sidecar (``run``, the default) and ``fetch-script``.
+
+Imports stay lazy: ``fetch-script`` never loads the Kubernetes client, and nothing loads
+boto3, kopf or the ``kubernetes`` package (the idle sidecar must stay under 60 MB).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dptr_common.datapipeline import DataPipelineClient
+
+USAGE = """usage: dptr-sidecar [run | fetch-script]
+
+  run           (default) heartbeat the task, honour cancels, report the task's exit
+  fetch-script  download $DPTR_SCRIPT_URI (s3://bucket/key) to $DPTR_SCRIPT_PATH, mode 0755
+
+Configured through environment variables only; see docs/sidecar.md.
+"""
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("DPTR_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # botocore logs credentials lookups and retries at INFO/DEBUG; keep it quiet.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def run() -> int:
+    import signal
+    import threading
+
+    from dptr_common.kube import KubeClient
+
+    from .config import ConfigError, SidecarConfig
+    from .sidecar import Sidecar
+
+    sigterm = threading.Event()
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        # Keep going: the task container's final status may not be visible yet.
+        sigterm.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
+    try:
+        config = SidecarConfig.from_env()
+    except ConfigError as exc:
+        print(f"dptr-sidecar: {exc}", file=sys.stderr)
+        return 2
+
+    def make_dp() -> DataPipelineClient:
+        from dptr_common.datapipeline import DataPipelineClient
+
+        return DataPipelineClient(config.region, config.endpoint_url, max_pool_connections=2)
+
+    kube = KubeClient.from_env(timeout=20.0)
+    kube.config.namespace = config.namespace
+    sidecar = Sidecar(config, kube, make_dp, sigterm=sigterm)
+    return sidecar.run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("dptr-sidecar: not implemented", file=sys.stderr)
-    return 1
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else "run"
+    if command in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    _setup_logging()
+    if command == "run":
+        return run()
+    if command == "fetch-script":
+        from .fetch import fetch_script_main
+
+        return fetch_script_main()
+    print(f"dptr-sidecar: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
+    return 2
 
 
 if __name__ == "__main__":

@@ -70,10 +70,17 @@ class LaunchSpec:
 def render_script(ls: LaunchSpec) -> str:
     """The shell script PID 1 runs before it execs the container's command."""
     q = shlex.quote
-    mount, mkdir, ln, setpriv = (q(_tool(n)) for n in ("mount", "mkdir", "ln", "setpriv"))
+    mount, umount, mkdir, ln, setpriv = (q(_tool(n)) for n in ("mount", "umount", "mkdir", "ln", "setpriv"))
     dev = q(str(ls.scratch / "dev"))
+    # Volume sources live under the bed's state dir, wherever that is (often
+    # /tmp). A pod that mounts something over a parent of it (an emptyDir at
+    # /tmp) would hide later sources, the error file and the termination log.
+    # So the error file stays open on fd 9, and every source is first bound
+    # into the container's private /dev, then onto its target, then unbound.
+    stage = "/dev/.dptr-stage"
     lines = [
-        f"fail() {{ printf '%s' \"$1\" > {q(str(ls.errfile))}; exit {START_ERROR_EXIT}; }}",
+        f"exec 9>>{q(str(ls.errfile))} || exit {START_ERROR_EXIT}",
+        f"fail() {{ printf '%s' \"$1\" >&9; exit {START_ERROR_EXIT}; }}",
         'run() { out=$("$@" 2>&1) || fail "$*: $out"; }',
         f"run {mount} --make-rprivate /",
         f"run {mount} -t proc -o nosuid,nodev,noexec proc /proc",
@@ -95,15 +102,24 @@ def render_script(ls: LaunchSpec) -> str:
     if term_in_dev:
         target = f"{dev}/{q(ls.termination_path[5:])}"
         lines += [f": > {target}", f"run {mount} --bind {q(str(ls.termination_log))} {target}"]
-    lines.append(f"run {mount} --move {dev} /dev")
-    for m in sorted(ls.mounts, key=lambda m: m.target.rstrip("/").count("/")):
+    lines += [f"run {mount} --move {dev} /dev", f"run {mkdir} -m 700 {stage}"]
+    mounts = sorted(ls.mounts, key=lambda m: m.target.rstrip("/").count("/"))
+    staged: list[str] = []
+    sources = [(m.source, m.source.is_dir()) for m in mounts]
+    if not term_in_dev and ls.termination_path:
+        sources.append((ls.termination_log, False))
+    for i, (source, is_dir) in enumerate(sources):
+        staged.append(f"{stage}/{i}")
+        lines.append(f"run {mkdir} {staged[i]}" if is_dir else f": > {staged[i]}")
+        lines.append(f"run {mount} --bind {q(str(source))} {staged[i]}")
+    for i, m in enumerate(mounts):
         target = q(m.target)
-        if m.source.is_dir():
+        if sources[i][1]:
             lines.append(f"run {mkdir} -p {target}")
         else:
             lines.append(f"run {mkdir} -p {q(os.path.dirname(m.target) or '/')}")
             lines.append(f"[ -e {target} ] || : > {target} || fail 'cannot create mount point {m.target}'")
-        lines.append(f"run {mount} --bind {q(str(m.source))} {target}")
+        lines.append(f"run {mount} --bind {staged[i]} {target}")
         if m.read_only:
             lines.append(f"run {mount} -o remount,bind,ro {target}")
     if not term_in_dev and ls.termination_path:
@@ -111,8 +127,17 @@ def render_script(ls: LaunchSpec) -> str:
         lines += [
             f"run {mkdir} -p {q(os.path.dirname(ls.termination_path) or '/')}",
             f"[ -e {target} ] || : > {target} || fail 'cannot create {ls.termination_path}'",
-            f"run {mount} --bind {q(str(ls.termination_log))} {target}",
+            f"run {mount} --bind {staged[-1]} {target}",
         ]
+    # The staged binds would let a container write to a volume it mounts
+    # read-only; they go before the container's command starts.
+    lines += [f"run {umount} {path}" for path in staged]
+    # Never recursive: these are empty mount points once unbound.
+    lines += [
+        f"run {'rmdir' if is_dir else 'rm -f'} {path}"
+        for path, (_, is_dir) in zip(staged, sources, strict=True)
+    ]
+    lines.append(f"run rmdir {stage}")
     for hidden in ls.hide:
         lines.append(f"run {mount} -t tmpfs -o ro,size=4k,mode=755 dptr-hidden {q(str(hidden))}")
     wd = q(ls.working_dir or "/")
@@ -129,6 +154,7 @@ def render_script(ls: LaunchSpec) -> str:
         opts.append(f"--groups={','.join(map(str, ls.groups))}")
     if ls.no_new_privs:
         opts.append("--no-new-privs")
+    lines.append("exec 9>&-")
     lines.append(f'exec {setpriv} {" ".join(opts)} -- "$@"')
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,11 @@ class StandIn:
             f"KUBERNETES_PORT_{port}_TCP_PORT": str(port),
             f"KUBERNETES_PORT_{port}_TCP_ADDR": host,
         }
-        self.default_path = os.environ.get("PATH") or DEFAULT_PATH
+        # Images are ignored, so a container's commands are the host's plus
+        # this Python environment's console scripts (dptr-sidecar and co.).
+        host_path = os.environ.get("PATH") or DEFAULT_PATH
+        venv_bin = os.path.dirname(sys.executable)
+        self.default_path = host_path if venv_bin in host_path.split(":") else f"{venv_bin}:{host_path}"
         cert, key = self_signed(self.root / "pki", node)
         self.log_server = LogServer(self._resolve_log, cert, key, self.api.ca_file)
         self.agent = NodeAgent(self.api, node, self.log_server.port)

@@ -1,0 +1,224 @@
+"""Streaming reads from the API server: a pod watch and a bounded log tail.
+
+:class:`dptr_common.kube.KubeClient` reads whole responses, which suits objects but not
+a watch (an open-ended stream) or a task's log (which may be gigabytes).  These helpers
+open their own connection with the client's configuration (server, TLS, the rotating
+token) and read incrementally, so memory stays bounded whatever the task printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from dptr_common.kube import ApiError, ApiUnavailable, KubeClient, NotFound, pod_path
+
+__all__ = ["PodWatcher", "open_stream", "read_log_tail"]
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 64 * 1024
+
+
+def open_stream(
+    kube: KubeClient, path: str, query: Mapping[str, Any], *, timeout: float
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``path`` and return the connection and the (unread) response; raises ApiError
+    subclasses for error statuses like :meth:`KubeClient.request`.  Close the connection."""
+    server = urllib.parse.urlsplit(kube.config.server)
+    host = server.hostname or "localhost"
+    conn: http.client.HTTPConnection
+    if server.scheme == "https":
+        conn = http.client.HTTPSConnection(
+            host, server.port or 443, timeout=timeout, context=kube.config.ssl_context()
+        )
+    else:
+        conn = http.client.HTTPConnection(host, server.port or 80, timeout=timeout)
+    url = server.path.rstrip("/") + path
+    pairs = {k: ("true" if v is True else "false" if v is False else v) for k, v in query.items()}
+    url += "?" + urllib.parse.urlencode({k: v for k, v in pairs.items() if v is not None})
+    for force_token in (False, True):
+        headers = {"Accept": "*/*", "User-Agent": kube.user_agent}
+        token = kube.config.bearer_token(force=force_token)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            conn.request("GET", url, headers=headers)
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise ApiUnavailable(0, "ConnectionError", f"GET {path}: {exc!r}") from exc
+        if response.status == 401 and not force_token and kube.config.token_file:
+            response.read()
+            continue
+        if response.status >= 400:
+            data = response.read(64 * 1024)
+            conn.close()
+            raise KubeClient._error(response.status, data, "GET", path)
+        return conn, response
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def read_log_tail(
+    kube: KubeClient,
+    namespace: str,
+    pod: str,
+    container: str,
+    *,
+    max_bytes: int = 16 * 1024,
+    tail_lines: int = 200,
+    timeout: float = 20.0,
+) -> bytes:
+    """The last ``max_bytes`` of the container's log (at most its last ``tail_lines``
+    lines), streamed so that a huge log never sits in memory; raw bytes (any encoding)."""
+    query = {"container": container, "tailLines": tail_lines}
+    conn, response = open_stream(kube, pod_path(namespace, pod, "log"), query, timeout=timeout)
+    tail = bytearray()
+    try:
+        while True:
+            chunk = response.read(_READ_CHUNK)
+            if not chunk:
+                break
+            tail += chunk
+            if len(tail) > 2 * max_bytes:
+                del tail[:-max_bytes]
+    finally:
+        conn.close()
+    return bytes(tail[-max_bytes:])
+
+
+class PodWatcher:
+    """Follows one pod and hands every version of it to ``on_pod`` (None: the pod is gone).
+
+    GET first (the state now), then a watch from that resourceVersion; a watch that ends
+    or fails starts over with a GET, with back-off after errors.  When watching is
+    forbidden (an RBAC rule without ``watch``) it falls back to polling with GET.
+    """
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        namespace: str,
+        name: str,
+        on_pod: Callable[[dict[str, Any] | None], None],
+        *,
+        watch_timeout: float = 240.0,
+        poll_interval: float = 5.0,
+        error_backoff: Callable[[int], float] = lambda attempt: min(0.5 * 2**attempt, 10.0),
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.on_pod = on_pod
+        self.watch_timeout = watch_timeout
+        self.poll_interval = poll_interval
+        self.error_backoff = error_backoff
+        self.stop = threading.Event()
+        self._can_watch = True
+        self._conn: http.client.HTTPConnection | None = None
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="dptr-pod-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self.stop.set()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._run()  # returns when the pod is gone, or when stopped
+                return
+            except Exception:  # a bug or a surprise must not leave the sidecar blind
+                if self.stop.is_set():
+                    return
+                log.exception("the pod watcher failed; starting over")
+                self.stop.wait(1.0)
+
+    def _run(self) -> None:
+        errors = 0
+        while not self.stop.is_set():
+            try:
+                pod = self.kube.get(pod_path(self.namespace, self.name))
+            except NotFound:
+                self.on_pod(None)
+                return
+            except ApiError as exc:
+                errors += 1
+                log.warning("reading pod %s failed: %s", self.name, exc)
+                self.stop.wait(self.error_backoff(errors))
+                continue
+            self.on_pod(pod)
+            if not self._can_watch:
+                self.stop.wait(self.poll_interval)
+                continue
+            rv = str((pod.get("metadata") or {}).get("resourceVersion") or "")
+            try:
+                for event_type, obj in self._watch(rv):
+                    errors = 0
+                    if event_type == "DELETED":
+                        self.on_pod(obj)  # its last status may be the one we wait for
+                        self.on_pod(None)
+                        return
+                    if event_type in ("ADDED", "MODIFIED"):
+                        self.on_pod(obj)
+            except ApiError as exc:
+                if exc.status == 403:
+                    log.warning("watching pods is forbidden; polling pod %s instead", self.name)
+                    self._can_watch = False
+                    continue
+                if self.stop.is_set():
+                    return
+                errors += 1
+                log.info("the watch on pod %s ended: %s", self.name, exc)
+                self.stop.wait(self.error_backoff(errors))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                if self.stop.is_set():
+                    return
+                errors += 1
+                log.info("the watch on pod %s broke: %r", self.name, exc)
+                self.stop.wait(self.error_backoff(errors))
+
+    def _watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        query = {
+            "watch": True,
+            "fieldSelector": f"metadata.name={self.name}",
+            "resourceVersion": resource_version or None,
+            "timeoutSeconds": int(self.watch_timeout),
+            "allowWatchBookmarks": True,
+        }
+        path = pod_path(self.namespace)
+        conn, response = open_stream(self.kube, path, query, timeout=self.watch_timeout + 30)
+        self._conn = conn
+        try:
+            while not self.stop.is_set():
+                line = response.readline()
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                event_type = str(event.get("type") or "")
+                obj = event.get("object") or {}
+                if event_type == "ERROR":
+                    # 410 Gone (resourceVersion too old) and the like: start over with a GET.
+                    raise ApiError(
+                        int(obj.get("code") or 500), str(obj.get("reason")), str(obj.get("message"))
+                    )
+                if event_type == "BOOKMARK":
+                    continue
+                yield event_type, obj
+        finally:
+            self._conn = None
+            conn.close()
