@@ -23,19 +23,20 @@ def test_same_attempt_dispatched_twice_makes_one_pipelinetask_and_one_job(
     pipeline = datapipeline.run_pipeline(
         {"Echo": {"type": "ShellCommandActivity", "command": "echo hi"}}, worker_group="wg-repeat"
     )
-    raw = wait_for(
-        lambda: (
-            datapipeline.client().poll_for_task(workerGroup="wg-repeat", hostname="test").get("taskObject")
-        ),
-        what="a task",
-    )
+    # Everything is ready before the poll: the ack window is 1.2 s at this time
+    # scale, and an operator acks at once, so the test must not be slower.
     op = Operator(
         OperatorConfig(namespaces=[cluster.namespace], time_scale=0.01, identity="in-process"),
         KubeClient.from_kubeconfig(cluster.testbed.kubeconfig),
     )
     op.leading = True
+    client = datapipeline.client()
     try:
         worker = RunnerWorker(op, TaskRunner.from_k8s(cluster.runner()))
+        raw = wait_for(
+            lambda: client.poll_for_task(workerGroup="wg-repeat", hostname="test").get("taskObject"),
+            what="a task",
+        )
         dispatch.dispatch(op, worker, raw)
         dispatch.dispatch(op, worker, raw)
         assert len(cluster.tasks()) == 1

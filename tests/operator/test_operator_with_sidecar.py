@@ -1,0 +1,113 @@
+"""End to end with pods that run: the kubelet stand-in runs the real sidecar and the task.
+
+Runs on the suite's shared bed, whose kubelet stand-ins run the pods.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
+
+from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.controlplane import RunningTestbed
+
+pytestmark = pytest.mark.cluster
+
+SIDECAR_ROLE = Path(__file__).resolve().parents[2] / "charts" / "dptr" / "files" / "sidecar-role.yaml"
+
+
+@pytest.fixture
+def node_cluster(crds: RunningTestbed, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    name = "s-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
+    crds.kubectl("create", "namespace", name)
+    cluster = Cluster(crds, name)
+    # The sidecar's RBAC in the task namespace, from the chart's single source.
+    import yaml
+
+    rules = yaml.safe_load(SIDECAR_ROLE.read_text())
+    cluster.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "dptr-sidecar"},
+            "rules": rules,
+        }
+    )
+    cluster.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "dptr-sidecar"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dptr-sidecar"},
+            "subjects": [{"kind": "ServiceAccount", "name": "dptr-sidecar", "namespace": name}],
+        }
+    )
+    yield cluster
+    crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_outcomes_through_the_sidecar(
+    node_cluster: Cluster, datapipeline: LocalDataPipeline, tmp_path: Path
+) -> None:
+    # 10 s (scaled) for the sidecar to report before the operator's fallback would.
+    extra = [*QUIET_GRACES, "--sidecar-report-grace-seconds", "1000"]
+    op = OperatorProcess(node_cluster.testbed, node_cluster.namespace, tmp_path, extra).start()
+    try:
+        node_cluster.create_runner(datapipeline, "wg-e2e", jobTemplate={"image": "debian:bookworm"})
+        datapipeline.run_pipeline(
+            {
+                "Ok": {"type": "ShellCommandActivity", "command": "echo hello"},
+                "Fails": {"type": "ShellCommandActivity", "command": "exit 3", "maximumRetries": "0"},
+                "Check": {
+                    "type": "ShellCommandPrecondition",
+                    "command": "exit 1",
+                    # Scaled: re-checked after 18 s, i.e. not within this test.
+                    "preconditionTimeout": "60 minutes",
+                    "retryDelay": "30 minutes",
+                },
+                "Guarded": {
+                    "type": "ShellCommandActivity",
+                    "command": "true",
+                    "precondition": {"ref": "Check"},
+                },
+            },
+            worker_group="wg-e2e",
+        )
+        wait_for(
+            lambda: (
+                {r.object_id: r.outcome for r in datapipeline.ledger.attempts.values()}.keys()
+                >= {"Ok", "Fails", "Check"}
+                and all(
+                    r.outcome
+                    for r in datapipeline.ledger.attempts.values()
+                    if r.object_id in ("Ok", "Fails", "Check")
+                )
+            ),
+            timeout=60,
+            what="outcomes",
+        )
+        by_object = {r.object_id: r for r in datapipeline.ledger.attempts.values()}
+        assert by_object["Ok"].outcome == "FINISHED"
+        assert (by_object["Fails"].outcome, by_object["Fails"].error_id) == ("FAILED", "dptr.ExitCode.3")
+        # A precondition that does not hold is FALSE, never FAILED; the activity it guards never runs.
+        checks = [r.outcome for r in datapipeline.ledger.attempts.values() if r.object_id == "Check"]
+        assert checks and set(checks) == {"FALSE"}, checks
+        assert "Guarded" not in by_object
+        reporters = {
+            t["spec"]["attemptId"]: t["status"]["report"]["reportedBy"]
+            for t in node_cluster.tasks()
+            if t["status"].get("report", {}).get("reportedBy")
+        }
+        # The sidecar in each pod reported; the operator's fallback stayed idle.
+        assert reporters, "no PipelineTask recorded who reported"
+        assert all(who.startswith("sidecar/") for who in reporters.values()), reporters
+        datapipeline.assert_clean()
+    finally:
+        op.stop()
+        print(json.dumps(datapipeline.ledger.to_json(include_calls=False), default=str)[:3000])
+        print(op.logs()[-8000:])
