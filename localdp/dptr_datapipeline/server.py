@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import re
+import sys
 import threading
 import time
 import uuid
@@ -247,6 +248,13 @@ class _Server(ThreadingHTTPServer):
     # Many pollers plus their heartbeats can arrive at once.
     request_queue_size = 128
     frontend: Frontend
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A runner that goes away mid long poll (shut down, killed) is normal
+        # for a task-runner service, not a traceback on stderr.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -124,11 +124,9 @@ def _cmd_node_prereqs(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print(
-        "dptr-testbed demo: not yet available (the end-to-end demo lands with the demo issue)",
-        file=sys.stderr,
-    )
-    return 2
+    from . import demo
+
+    return demo.run(keep=args.keep, timeout=args.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     prereqs.add_argument("--build", action="store_true", help="also build kubelet and kube-proxy")
     prereqs.set_defaults(func=_cmd_node_prereqs)
 
-    demo = sub.add_parser("demo", help="run the local end-to-end demo")
+    demo = sub.add_parser("demo", help="run the local end-to-end demo (no cluster, no AWS account)")
+    demo.add_argument("--keep", action="store_true", help="stay up after the demo until Ctrl-C")
+    demo.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     demo.set_defaults(func=_cmd_demo)
 
     args = parser.parse_args(argv)
