@@ -57,6 +57,7 @@ __all__ = [
     "operator_holder",
     "parse_time",
     "record_heartbeat",
+    "revise_claim",
     "sidecar_holder",
     "take_over_heartbeats",
 ]
@@ -296,6 +297,63 @@ def claim_report(
         resource_version=resource_version,
         resumed=decision.action == "own",
         taken_over_from=report.get("_previous"),
+    )
+
+
+def revise_claim(
+    kube: KubeClient,
+    claim: Claim,
+    *,
+    status: ReportStatus | None = None,
+    error_id: str | None = None,
+    error_message: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> Claim | None:
+    """Refresh a claim we hold (``claimedAt`` = now) and, with ``status``, replace its outcome.
+
+    For a holder with work between its claim and SetTaskStatus (the sidecar uploading
+    staged outputs and logs): claiming first keeps the operator's fallback away, a
+    refresh keeps the claim from going stale, and a revision records the outcome that
+    work decided (FAILED when outputs could not be uploaded).  Returns the updated
+    :class:`Claim`, or None when the claim is no longer ours or the task is reported or
+    canceled (then do not report).  Raises ``NotFound`` if the PipelineTask is gone.
+    """
+    if status is not None and status not in FINAL_PHASE:
+        raise ValueError(f"status must be FINISHED, FAILED or FALSE, not {status!r}")
+
+    def decide(obj: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        st = obj["status"]
+        report = dict(_section(st, "report"))
+        if report.get("reportedAt") or is_canceled(st) or report.get("claimedBy") != claim.holder:
+            return False, None
+        report["claimedAt"] = format_time(clock())
+        if status is not None:
+            report["status"] = status
+            for key, value in (
+                ("errorId", fit_error_id(error_id) if error_id else None),
+                ("errorMessage", fit_api_string(error_message, keep="head") if error_message else None),
+            ):
+                if value is None:
+                    report.pop(key, None)
+                else:
+                    report[key] = value
+        st["report"] = report
+        return True, report
+
+    report, written = _optimistic_update(kube, claim.namespace, claim.name, decide)
+    if report is None or written is None:
+        return None
+    return Claim(
+        namespace=claim.namespace,
+        name=claim.name,
+        holder=claim.holder,
+        status=report["status"],
+        error_id=report.get("errorId"),
+        error_message=report.get("errorMessage"),
+        claimed_at=str(report["claimedAt"]),
+        resource_version=str(written["metadata"].get("resourceVersion") or ""),
+        resumed=claim.resumed,
+        taken_over_from=claim.taken_over_from,
     )
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "TOKEN_MOUNT_PATH",
     "TOKEN_VOLUME",
     "choose_image",
+    "render_base_job",
     "render_job",
     "task_argv",
 ]
@@ -317,7 +318,45 @@ def render_job(
     service_account_name: str | None = None,
     sidecar_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
+    """The whole Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
+
+    :func:`render_base_job` (the sidecar, the script fetcher, the task) plus what Task
+    Runner parity adds (:func:`dptr_common.render_staging.render_staging`: the
+    ``dptr-stage-in`` init container, the staging and log volumes, the log-capture
+    wrapper).  ``sidecar_env`` reaches every init container of dptr's, the stage-in
+    container included.  Raises :class:`TaskError` (``dptr.UnknownActivityType``,
+    ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``, ``dptr.StagingFailed.*``) for a
+    task that cannot run; nothing must be created then.
+    """
+    # Imported here: render_staging builds on this module's names.
+    from dptr_common.render_staging import render_staging
+
+    job = render_base_job(
+        task,
+        runner,
+        sidecar_image=sidecar_image,
+        namespace=namespace,
+        owner=owner,
+        service_account_name=service_account_name,
+    )
+    job = render_staging(job, task, runner)
+    pod = job["spec"]["template"]["spec"]
+    for container in pod["initContainers"]:
+        _override_env(container, sidecar_env or {})
+    return job
+
+
+def render_base_job(
+    task: Task,
+    runner: TaskRunner,
+    *,
+    sidecar_image: str,
+    namespace: str,
+    owner: dict[str, Any],
+    service_account_name: str | None = None,
+    sidecar_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Job without staging or S3 log capture (what :func:`render_job` builds on).
 
     ``owner`` is the PipelineTask (object or ownerReference) that owns the Job; its name
     is what the sidecar reports on.  ``sidecar_image`` is the operator's default, used

@@ -25,7 +25,7 @@ _TASK_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_R
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
-    """kopf settings: dptr's own prefixes, watch timeouts, selectors, no kopf Events."""
+    """kopf settings: dptr's own prefixes, watch timeouts, selectors, no kopf Events, no scans."""
     settings.persistence.finalizer = "dptr.dev/kopf-finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.DOMAIN)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -38,6 +38,11 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.watching.label_selectors[("batch", "v1", "jobs")] = _TASK_SELECTOR
     settings.watching.label_selectors[("v1", "pods")] = _TASK_SELECTOR
     settings.posting.enabled = False  # dptr writes its own Events
+    # No cluster-wide scans: the chart's least-privilege RBAC grants nothing cluster-scoped,
+    # so kopf's CRD and namespace observers would only be refused (retried for about a
+    # minute before the watches start, then logged forever).  dptr serves fixed namespaces
+    # (or all of them through cluster-wide watches) and its CRDs are installed beforehand.
+    settings.scanning.disabled = True
     settings.execution.max_workers = 4
 
 

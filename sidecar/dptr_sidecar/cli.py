@@ -1,7 +1,9 @@
-"""``dptr-sidecar``: the task pod's sidecar (``run``, the default) and ``fetch-script``.
+"""``dptr-sidecar``: the task pod's sidecar (``run``, the default), and the init
+containers' ``fetch-script`` and ``stage-in`` (both in :mod:`dptr_sidecar.staging`).
 
-Imports stay lazy: ``fetch-script`` never loads the Kubernetes client, and nothing loads
-boto3, kopf or the ``kubernetes`` package (the idle sidecar must stay under 60 MB).
+Imports stay lazy: ``fetch-script`` and ``stage-in`` never load the Kubernetes client,
+and nothing loads boto3, kopf or the ``kubernetes`` package (the idle sidecar must stay
+under 60 MB).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dptr_common.datapipeline import DataPipelineClient
 
-USAGE = """usage: dptr-sidecar [run | fetch-script]
+USAGE = """usage: dptr-sidecar [run | fetch-script | stage-in]
 
-  run           (default) heartbeat the task, honour cancels, report the task's exit
+  run           (default) heartbeat the task, honour cancels, upload staged outputs and
+                logs, report the task's exit
   fetch-script  download $DPTR_SCRIPT_URI (s3://bucket/key) to $DPTR_SCRIPT_PATH, mode 0755
+  stage-in      download the inputs of $DPTR_STAGING_PLAN into $DPTR_STAGING_ROOT/inputN
+                and create the output directories
 
 Configured through environment variables only; see docs/sidecar.md.
 """
@@ -79,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         return run()
     if command == "fetch-script":
-        from .fetch import fetch_script_main
+        from .staging import fetch_script_main
 
-        return fetch_script_main()
+        return fetch_script_main(args[1:])
+    if command == "stage-in":
+        from .staging import stage_in_main
+
+        return stage_in_main(args[1:])
     print(f"dptr-sidecar: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

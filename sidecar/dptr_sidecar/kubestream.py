@@ -19,7 +19,7 @@ from typing import Any
 
 from dptr_common.kube import ApiError, ApiUnavailable, KubeClient, NotFound, pod_path
 
-__all__ = ["PodWatcher", "open_stream", "read_log_tail"]
+__all__ = ["PodWatcher", "open_stream", "read_log_tail", "stream_log"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,23 @@ def read_log_tail(
     finally:
         conn.close()
     return bytes(tail[-max_bytes:])
+
+
+def stream_log(
+    kube: KubeClient, namespace: str, pod: str, container: str, *, timeout: float = 60.0
+) -> Iterator[bytes]:
+    """The container's whole log, chunk by chunk (never all of it in memory)."""
+    conn, response = open_stream(
+        kube, pod_path(namespace, pod, "log"), {"container": container}, timeout=timeout
+    )
+    try:
+        while True:
+            chunk = response.read(_READ_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        conn.close()
 
 
 class PodWatcher:

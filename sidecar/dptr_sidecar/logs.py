@@ -273,7 +273,11 @@ def finish_task_io(
     own_client = s3 is None
     client = s3 if s3 is not None else S3Client(env=env)
     try:
-        log(f"task container exited with code {exit_code}")
+        log(
+            "task container did not run"
+            if exit_code is None
+            else f"task container exited with code {exit_code}"
+        )
         if plan is not None and plan.outputs and exit_code == 0:
             try:
                 result.uploaded = stage_out(plan, client, log=log)

@@ -19,11 +19,13 @@ ReportTaskProgress asks the service whether the task was canceled meanwhile.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +33,6 @@ from dptr_common.errors import (
     ContainerTermination,
     Outcome,
     fit_api_string,
-    outcome_for_pod_failure,
     outcome_for_termination,
 )
 from dptr_common.kube import (
@@ -45,26 +46,38 @@ from dptr_common.kube import (
     taskrunner_path,
 )
 from dptr_common.ledger import (
+    Claim,
     claim_report,
     mark_canceled,
     mark_reported,
     record_heartbeat,
+    revise_claim,
     sidecar_holder,
     take_over_heartbeats,
 )
 from dptr_common.pacing import jittered
 
 from .config import DEFAULT_REPORT_PROGRESS_TIMEOUT, DEFAULT_TERMINATION_GRACE, SidecarConfig
-from .kubestream import PodWatcher, read_log_tail
+from .kubestream import PodWatcher, read_log_tail, stream_log
 
 if TYPE_CHECKING:
     from dptr_common.datapipeline import DataPipelineClient
 
-__all__ = ["FETCH_CONTAINER", "Sidecar", "TaskEnd", "task_end"]
+__all__ = ["FETCH_CONTAINER", "INIT_CONTAINERS", "STAGE_IN_CONTAINER", "Sidecar", "TaskEnd", "task_end"]
 
 log = logging.getLogger("dptr.sidecar")
 
 FETCH_CONTAINER = "dptr-fetch-script"
+STAGE_IN_CONTAINER = "dptr-stage-in"
+#: dptr's init containers that run before the task; one failing means the task never ran.
+INIT_CONTAINERS = (FETCH_CONTAINER, STAGE_IN_CONTAINER)
+#: The outcome claimed while staged outputs upload: if the sidecar dies meanwhile, whoever
+#: takes the claim over reports this (the data did not arrive), never FINISHED.
+UPLOAD_INTERRUPTED = Outcome(
+    "FAILED",
+    "dptr.StagingFailed.Interrupted",
+    "the sidecar stopped while uploading the staged outputs; they may be incomplete",
+)
 COMPONENT = "dptr-sidecar"
 
 #: A heartbeat must land this fraction of reportProgressTimeout before it runs out.
@@ -106,7 +119,9 @@ def _container_status(pod: dict[str, Any], key: str, name: str) -> dict[str, Any
 
 def task_end(pod: dict[str, Any], main_container: str, object_type: str | None) -> TaskEnd | None:
     """The outcome if the pod shows the task's end: the main container's final state, or
-    the script fetcher's failure (the task never ran).  None while the task runs."""
+    the failure of ``dptr-fetch-script`` or ``dptr-stage-in`` (the task never ran; the
+    outcome comes from their ``<errorId>\\n<message>`` termination message).  None while
+    the task runs."""
     deleting = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
     status = _container_status(pod, "containerStatuses", main_container)
     terminated = ((status or {}).get("state") or {}).get("terminated")
@@ -116,12 +131,15 @@ def task_end(pod: dict[str, Any], main_container: str, object_type: str | None) 
         if termination.reason:
             summary += f", {termination.reason}"
         return TaskEnd(outcome_for_termination(termination, object_type), main_container, summary, deleting)
-    fetch = _container_status(pod, "initContainerStatuses", FETCH_CONTAINER)
-    fetch_terminated = ((fetch or {}).get("state") or {}).get("terminated") or {}
-    if fetch_terminated and fetch_terminated.get("exitCode") not in (None, 0):
-        code = fetch_terminated.get("exitCode")
-        outcome = outcome_for_pod_failure("ScriptFetchFailed", fetch_terminated.get("message"))
-        return TaskEnd(outcome, FETCH_CONTAINER, f"{FETCH_CONTAINER} exit code {code}", deleting)
+    for name in INIT_CONTAINERS:
+        init = _container_status(pod, "initContainerStatuses", name)
+        init_terminated = ((init or {}).get("state") or {}).get("terminated") or {}
+        if init_terminated and init_terminated.get("exitCode") not in (None, 0):
+            from .staging import outcome_for_init_failure
+
+            code = init_terminated.get("exitCode")
+            outcome = outcome_for_init_failure(name, init_terminated)
+            return TaskEnd(outcome, name, f"{name} exit code {code}", deleting)
     return None
 
 
@@ -135,8 +153,11 @@ class Sidecar:
         dp_factory: Callable[[], DataPipelineClient],
         *,
         sigterm: threading.Event | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        #: The pod's environment: where staged outputs and logs go (``render_staging``).
+        self.env: Mapping[str, str] = os.environ if env is None else env
         self.kube = kube
         self._dp_factory = dp_factory
         self._dp: DataPipelineClient | None = None
@@ -437,7 +458,11 @@ class Sidecar:
         from dptr_common.datapipeline import DataPipelineError, InvalidRequest, TaskGone
 
         cfg = self.config
-        self.stop_heartbeats.set()
+        task_io = wants_task_io(self.env)
+        if not task_io:
+            self.stop_heartbeats.set()
+        # With uploads to do, heartbeats go on until they are done: a large output must
+        # not make the task miss its reportProgressTimeout.
         outcome = end.outcome
         log.info("%s ended (%s): %s %s", end.container, end.summary, outcome.status, outcome.error_id or "")
         deadline = time.monotonic() + self.scaled(REPORT_RETRY_BUDGET)
@@ -453,30 +478,53 @@ class Sidecar:
         except DataPipelineError as exc:
             log.warning("the last cancel check failed (%s); reporting anyway", exc)
 
-        trace: bytes | None = None
-        if outcome.status != "FINISHED":
-            try:
-                trace = read_log_tail(self.kube, cfg.namespace, cfg.pod_name, end.container)
-            except ApiError as exc:
-                log.warning("could not read the %s log: %s", end.container, exc)
-
+        # Claim first: while outputs and logs upload, the operator's fallback must wait.
+        # With staged outputs to upload after exit 0 the claim says "interrupted" until
+        # they are in S3, so nobody taking it over could report FINISHED without them.
+        uploading_outputs = task_io and outcome.status == "FINISHED" and _has_staged_outputs(self.env)
+        provisional = UPLOAD_INTERRUPTED if uploading_outputs else outcome
         try:
             claim = claim_report(
                 self.kube,
                 cfg.namespace,
                 cfg.pipeline_task,
                 holder=self.holder,
-                status=outcome.status,
-                error_id=outcome.error_id,
-                error_message=outcome.error_message,
+                status=provisional.status,
+                error_id=provisional.error_id,
+                error_message=provisional.error_message,
                 stale_after=self.scaled(CLAIM_STALE_AFTER),
             )
         except NotFound:
             log.warning("the PipelineTask is gone; not reporting")
+            self.stop_heartbeats.set()
             return 0
         if claim is None:
             log.info("not reporting: someone else holds or made the report, or the task is canceled")
+            self.stop_heartbeats.set()
             return 0
+
+        trace: bytes | None = None
+        # A resumed claim was revised (and maybe reported) before a restart, unless it still
+        # says the uploads were interrupted: then they are done again (uploads overwrite).
+        if task_io and (not claim.resumed or claim.error_id == UPLOAD_INTERRUPTED.error_id):
+            try:
+                revised = self._finish_task_io(end, outcome, claim)
+            except NotFound:
+                log.warning("the PipelineTask is gone; not reporting")
+                return 0
+            finally:
+                self.stop_heartbeats.set()
+            if revised is None:
+                log.info("not reporting: the claim is no longer ours, or the task was canceled")
+                return 0
+            claim, trace = revised
+        self.stop_heartbeats.set()
+
+        if claim.status != "FINISHED" and trace is None:
+            try:
+                trace = read_log_tail(self.kube, cfg.namespace, cfg.pod_name, end.container)
+            except ApiError as exc:
+                log.warning("could not read the %s log: %s", end.container, exc)
 
         kwargs = Outcome(claim.status, claim.error_id, claim.error_message).set_task_status_kwargs(
             self.task_id, trace
@@ -514,14 +562,95 @@ class Sidecar:
         if claim.error_id:
             message += f" {claim.error_id}"
         message += note
+        self._patch_exit(end)  # first: whoever sees the report recorded sees the exit code too
         try:
             mark_reported(self.kube, cfg.namespace, cfg.pipeline_task, claim=claim, message=message)
         except ApiError as exc:
             log.error("reported, but could not record it on the PipelineTask: %s", exc)
-        self._patch_exit(end)
         self._event("Reported", message, "Normal" if claim.status == "FINISHED" else "Warning")
         log.info("%s", message)
         return 0
+
+    def _finish_task_io(
+        self, end: TaskEnd, outcome: Outcome, claim: Claim
+    ) -> tuple[Claim, bytes | None] | None:
+        """Upload staged outputs (after exit 0) and the logs, then record the outcome they
+        decide on the claim.  Returns the revised claim and, when the uploads failed the
+        attempt, the activity log as the stack trace; None when the claim is no longer ours."""
+        from .logs import ActivityLog, finish_task_io
+
+        cfg = self.config
+        activity = ActivityLog(echo=lambda line: log.info("task I/O: %s", line))
+        exit_code: int | None = None
+        if end.container == cfg.main_container:
+            exit_code = _exit_code(self._latest_pod or {}, end.container)
+        else:
+            activity(f"{end.container} failed: {outcome.error_id}: {outcome.error_message}")
+
+        def combined_output() -> Iterator[bytes]:
+            # Only when the wrapper could not split the streams (no tee/mkfifo in the image).
+            return stream_log(self.kube, cfg.namespace, cfg.pod_name, cfg.main_container)
+
+        done = threading.Event()
+
+        def keep_claim_fresh() -> None:
+            # A long upload must not let the claim look abandoned to the operator.
+            while not done.wait(self.scaled(CLAIM_STALE_AFTER) / 4):
+                try:
+                    revise_claim(self.kube, claim)
+                except ApiError as exc:
+                    log.info("could not refresh the report claim: %s", exc)
+
+        refresher = threading.Thread(target=keep_claim_fresh, name="dptr-claim", daemon=True)
+        refresher.start()
+        try:
+            result = finish_task_io(
+                self.env,
+                exit_code=exit_code,
+                combined_output=combined_output if exit_code is not None else None,
+                activity_log=activity,
+            )
+        except Exception as exc:  # never lose the report over an upload bug
+            log.exception("uploading outputs and logs failed")
+            from dptr_common.errors import TaskError
+
+            from .logs import TaskIOResult
+
+            result = TaskIOResult(
+                error=TaskError("dptr.StagingFailed.Unexpected", f"{type(exc).__name__}: {exc}")
+                if exit_code == 0 and _has_staged_outputs(self.env)
+                else None,
+                problems=[] if exit_code == 0 else [f"uploading logs failed: {type(exc).__name__}: {exc}"],
+            )
+        finally:
+            done.set()
+            refresher.join(timeout=5)
+
+        final = outcome
+        trace: bytes | None = None
+        if result.error is not None and outcome.status == "FINISHED":
+            final = Outcome("FAILED", result.error.error_id, result.error.message)
+            trace = activity.text()
+        if result.uploaded:
+            log.info("uploaded %d staged output object(s)", len(result.uploaded))
+        if result.problems:
+            problems = "; ".join(result.problems)
+            log.warning("log upload problems: %s", problems)
+            self._event("LogUploadFailed", problems, "Warning")
+            note = f"log upload problems: {problems}"
+            final = Outcome(
+                final.status,
+                final.error_id,
+                f"{final.error_message}; {note}" if final.error_message else note,
+            )
+        revised = revise_claim(
+            self.kube,
+            claim,
+            status=final.status,
+            error_id=final.error_id,
+            error_message=final.error_message,
+        )
+        return None if revised is None else (revised, trace)
 
     def _patch_exit(self, end: TaskEnd) -> None:
         """Fill ``status.exitCode``/``podName`` (the Exit printer column)."""
@@ -542,6 +671,25 @@ class Sidecar:
             )
         except ApiError as exc:
             log.info("could not record the exit code: %s", exc)
+
+
+def wants_task_io(env: Mapping[str, str]) -> bool:
+    """Whether this pod stages data or uploads logs (``render_staging`` set it up)."""
+    return bool(env.get("DPTR_STAGING_PLAN") or env.get("DPTR_LOG_DIR"))
+
+
+def _has_staged_outputs(env: Mapping[str, str]) -> bool:
+    try:
+        nodes = json.loads(env.get("DPTR_STAGING_PLAN") or "{}").get("nodes") or []
+    except (ValueError, AttributeError):
+        return False
+    return any(isinstance(n, dict) and n.get("direction") == "output" for n in nodes)
+
+
+def _exit_code(pod: dict[str, Any], container: str) -> int | None:
+    status = _container_status(pod, "containerStatuses", container) or {}
+    code = ((status.get("state") or {}).get("terminated") or {}).get("exitCode")
+    return int(code) if code is not None else None
 
 
 def _settled(status: dict[str, Any]) -> str:

@@ -234,12 +234,24 @@ def stage_out(plan: StagingPlan, s3: S3Client, *, log: Log = _stderr_log) -> lis
 
 
 def fetch_script(uri: str, path: Path, s3: S3Client) -> int:
-    """Download ``scriptUri`` to ``path`` with mode 0755; TaskError ``dptr.ScriptFetchFailed.<code>``."""
+    """Download ``scriptUri`` to ``path`` with mode 0755; TaskError ``dptr.ScriptFetchFailed.<code>``.
+
+    The object is streamed to a temporary file beside ``path`` and renamed into place
+    (:meth:`S3Client.download`), so the task never sees half a script and a failed
+    download leaves nothing behind.
+    """
     try:
-        size = s3.download(parse_s3_uri(uri), path)
+        target = parse_s3_uri(uri)
+        if not target.key or target.key.endswith("/"):
+            raise S3Error("InvalidUri", f"{uri!r} is not an s3://bucket/key URI", uri=uri)
+        size = s3.download(target, path)
+        path.chmod(0o755)
     except S3Error as exc:
         raise TaskError(error_id("ScriptFetchFailed", exc.code), f"scriptUri {uri}: {exc.message}") from exc
-    path.chmod(0o755)
+    except OSError as exc:
+        raise TaskError(
+            error_id("ScriptFetchFailed", "LocalWrite"), f"scriptUri {uri}: cannot write {path}: {exc}"
+        ) from exc
     return size
 
 
@@ -279,9 +291,11 @@ def outcome_for_init_failure(container: str, terminated: Mapping[str, Any]) -> O
         return Outcome("FAILED", parsed[0], parsed[1] or f"{container} failed")
     base = _INIT_FAILURE_IDS.get(container, error_id("InitContainerFailed", container))
     reason = terminated.get("reason") or f"exit code {terminated.get('exitCode')}"
-    return Outcome(
-        "FAILED", f"{base}.{reason}" if reason == "OOMKilled" else base, f"{container} failed: {reason}"
-    )
+    message = f"{container} failed: {reason}"
+    detail = str(terminated.get("message") or "").strip()
+    if detail:  # FallbackToLogsOnError: the end of its log, e.g. a crash before our message
+        message += f": {detail[-2000:]}"
+    return Outcome("FAILED", f"{base}.{reason}" if reason == "OOMKilled" else base, message)
 
 
 def _s3_from_env(env: Mapping[str, str]) -> S3Client:
@@ -295,6 +309,13 @@ def _dp_client_from_env(env: Mapping[str, str]) -> Any:
         region=env.get("DPTR_REGION") or env.get("AWS_REGION") or "us-east-1",
         endpoint_url=env.get("DPTR_ENDPOINT_URL") or None,
     )
+
+
+def _unexpected(base: str, what: str, exc: Exception) -> TaskError:
+    """Anything else (credentials, a full disk, a bug) still ends as one clear line and an errorId."""
+    if isinstance(exc, OSError):
+        return TaskError(error_id(base, "LocalWrite"), f"{what}: {exc}")
+    return TaskError(error_id(base, type(exc).__name__), f"{what}: {type(exc).__name__}: {exc}")
 
 
 def stage_in_main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -319,13 +340,21 @@ def stage_in_main(argv: list[str] | None = None, env: Mapping[str, str] | None =
     except TaskError as error:
         write_termination_message(error, env)
         return 1
+    except Exception as exc:
+        write_termination_message(_unexpected("dptr.StagingFailed", "staging in", exc), env)
+        return 1
     return 0
 
 
 def fetch_script_main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    """``dptr-sidecar fetch-script``: ``$DPTR_SCRIPT_URI`` -> ``$DPTR_SCRIPT_PATH`` (0755)."""
+    """``dptr-sidecar fetch-script``: ``$DPTR_SCRIPT_URI`` -> ``$DPTR_SCRIPT_PATH`` (0755).
+
+    Exit 0 when fetched; 1 with the termination message ``<errorId>\\n<message>`` and
+    one line on stderr (``dptr: dptr.ScriptFetchFailed.NoSuchKey: scriptUri s3://...``)
+    otherwise.
+    """
     env = os.environ if env is None else env
-    uri, path = env.get("DPTR_SCRIPT_URI"), env.get("DPTR_SCRIPT_PATH")
+    uri, path = (env.get("DPTR_SCRIPT_URI") or "").strip(), (env.get("DPTR_SCRIPT_PATH") or "").strip()
     try:
         if not uri or not path:
             raise TaskError(
@@ -336,5 +365,8 @@ def fetch_script_main(argv: list[str] | None = None, env: Mapping[str, str] | No
         _stderr_log(f"dptr fetch-script: {uri} -> {path} ({size} bytes)")
     except TaskError as error:
         write_termination_message(error, env)
+        return 1
+    except Exception as exc:
+        write_termination_message(_unexpected("dptr.ScriptFetchFailed", f"scriptUri {uri}", exc), env)
         return 1
     return 0

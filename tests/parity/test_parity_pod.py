@@ -1,5 +1,5 @@
 """Scripts, staging and logs through the real code paths: the local Data Pipeline service
-hands out the task, render_job + render_staging build the pod, the pod's containers run
+hands out the task, render_job builds the pod (staging included), the pod's containers run
 as local processes (parity_helpers.run_pod_locally) against moto's S3, and the sidecar's
 after-exit step (finish_task_io) uploads outputs and logs."""
 
@@ -15,7 +15,6 @@ from dptr_common.datapipeline import DataPipelineClient, StaticCredentials
 from dptr_common.errors import TaskError
 from dptr_common.models import TaskRunner
 from dptr_common.render import render_job
-from dptr_common.render_staging import render_staging
 from dptr_common.staging_plan import plan_staging
 from dptr_common.task import Task, parse_task
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
@@ -68,7 +67,6 @@ def _run(task: Task, runner: TaskRunner, tmp_path: Path, s3_env: dict[str, str])
         namespace="data",
         owner={"metadata": {"name": "pt", "uid": "u"}},
     )
-    job = render_staging(job, task, runner)
     pod = run_pod_locally(job, tmp_path / "pod", s3_env, SECRETS)
     result = None
     if pod.task_exit is not None:

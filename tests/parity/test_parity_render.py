@@ -9,7 +9,14 @@ import pytest
 
 from dptr_common.errors import TaskError
 from dptr_common.models import TaskRunner
-from dptr_common.render import FETCH_CONTAINER, SIDECAR_CONTAINER, TASK_CONTAINER, TOKEN_VOLUME, render_job
+from dptr_common.render import (
+    FETCH_CONTAINER,
+    SIDECAR_CONTAINER,
+    TASK_CONTAINER,
+    TOKEN_VOLUME,
+    render_base_job,
+    render_job,
+)
 from dptr_common.render_staging import (
     LOG_DIR,
     STAGE_IN_CONTAINER,
@@ -85,15 +92,44 @@ def _staged_task(**extra: Any) -> Task:
 
 
 def _render(task: Task, runner: TaskRunner | None = None) -> dict[str, Any]:
+    """The product path: render_job renders the whole Job, staging included."""
     runner = runner or _runner()
-    job = render_job(
+    return render_job(
         task,
         runner,
         sidecar_image="ghcr.io/dptr/sidecar:1",
         namespace="data",
         owner={"metadata": {"name": "pt-1", "uid": "uid-1"}},
     )
-    return render_staging(job, task, runner)
+
+
+def test_render_job_is_render_staging_over_the_base_job() -> None:
+    task = _staged_task(stdout="s3://logs/out")
+    runner = _runner()
+    args: dict[str, Any] = {
+        "sidecar_image": "ghcr.io/dptr/sidecar:1",
+        "namespace": "data",
+        "owner": {"metadata": {"name": "pt-1", "uid": "uid-1"}},
+    }
+    assert render_job(task, runner, **args) == render_staging(
+        render_base_job(task, runner, **args), task, runner
+    )
+
+
+def test_sidecar_env_reaches_every_init_container_of_ours_but_not_the_task() -> None:
+    task = _staged_task(scriptUri="s3://b/run.sh", command="")
+    job = render_job(
+        task,
+        _runner(),
+        sidecar_image="img",
+        namespace="data",
+        owner={"metadata": {"name": "p", "uid": "u"}},
+        sidecar_env={"DPTR_TIME_SCALE": "0.01"},
+    )
+    containers = _containers(job)
+    for name in (SIDECAR_CONTAINER, FETCH_CONTAINER, STAGE_IN_CONTAINER):
+        assert _env(containers[name])["DPTR_TIME_SCALE"] == "0.01", name
+    assert "DPTR_TIME_SCALE" not in _env(containers[TASK_CONTAINER])
 
 
 def _containers(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -112,10 +148,16 @@ def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_nothing_asked_nothing_changed() -> None:
     task = _task(command="echo hi")
     runner = _runner()
-    job = render_job(
+    job = render_base_job(
         task, runner, sidecar_image="img", namespace="data", owner={"metadata": {"name": "p", "uid": "u"}}
     )
     assert render_staging(job, task, runner) == job
+    assert (
+        render_job(
+            task, runner, sidecar_image="img", namespace="data", owner={"metadata": {"name": "p", "uid": "u"}}
+        )
+        == job
+    )
 
 
 def test_stage_false_means_no_staging_even_with_data_nodes() -> None:
@@ -256,7 +298,7 @@ def test_log_capture_wraps_the_command_and_tells_the_sidecar_where_logs_go() -> 
 def test_render_staging_does_not_modify_its_input() -> None:
     task = _staged_task(stdout="s3://logs/out")
     runner = _runner()
-    job = render_job(
+    job = render_base_job(
         task, runner, sidecar_image="i", namespace="d", owner={"metadata": {"name": "p", "uid": "u"}}
     )
     before = json.dumps(job, sort_keys=True)

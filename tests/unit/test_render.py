@@ -23,6 +23,7 @@ from dptr_common.render import (
     TOKEN_MOUNT_PATH,
     render_job,
 )
+from dptr_common.render_staging import TEE_WRAPPER
 from dptr_common.task import Task, TaskError, parse_task
 
 SIDECAR_IMAGE = "ghcr.io/dptr/sidecar:0.1.0"
@@ -144,7 +145,11 @@ def test_labels_and_annotations_carry_the_ids() -> None:
 
 def test_command_runs_through_sh_with_arguments_as_argv() -> None:
     task_container = _containers(_render())[TASK_CONTAINER]
-    assert task_container["command"] == [
+    # The sample has an S3 stdout path: the command runs under the log-capture wrapper,
+    # which execs the same argv as "$@".
+    wrapper = ["/bin/sh", "-c", TEE_WRAPPER, "dptr-capture"]
+    assert task_container["command"][: len(wrapper)] == wrapper
+    assert task_container["command"][len(wrapper) :] == [
         "/bin/sh",
         "-c",
         'echo "$1" "$2" "$3" > /dev/null; exit 0',
