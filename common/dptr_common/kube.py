@@ -378,6 +378,9 @@ class KubeClient:
         self._prefix = parsed.path.rstrip("/")
         self._ssl = config.ssl_context() if parsed.scheme == "https" else None
         self._local = threading.local()
+        #: Monotonic time since which no call got an answer (None: the last call did).
+        #: The operator polls Data Pipeline only while it can record what it polls.
+        self.unreachable_since: float | None = None
 
     @property
     def namespace(self) -> str:
@@ -476,13 +479,17 @@ class KubeClient:
                 if reused and not stale_retry_done:
                     stale_retry_done = True
                     continue
+                self._unreachable()
                 raise ApiUnavailable(0, "ConnectionError", f"{method} {path}: {exc!r}") from exc
             except TimeoutError as exc:
                 self._drop_connection()
+                self._unreachable()
                 raise ApiUnavailable(0, "Timeout", f"{method} {path}: no answer within {limit:g}s") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_connection()
+                self._unreachable()
                 raise ApiUnavailable(0, "ConnectionError", f"{method} {path}: {exc!r}") from exc
+            self.unreachable_since = None
             if response.will_close:
                 self._drop_connection()
             status = response.status
@@ -496,6 +503,10 @@ class KubeClient:
             if not data:
                 return None
             return json.loads(data)
+
+    def _unreachable(self) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
 
     @staticmethod
     def _error(status: int, data: bytes, method: str, path: str) -> ApiError:

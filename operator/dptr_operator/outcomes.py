@@ -276,7 +276,11 @@ def report_outcome(
             delete_job(op, entry)
         except ApiError as exc:
             log.warning("%s/%s: could not delete the Job: %s", entry.namespace, entry.name, exc)
-    reported_already = claim.resumed and _already_final(dp, entry)
+    # A claim we resumed (after our own restart) or took over from a holder that went
+    # silent (a sidecar killed between SetTaskStatus and mark_reported) may already have
+    # been reported: ask Data Pipeline before calling SetTaskStatus a second time.
+    maybe_reported = claim.resumed or claim.taken_over_from is not None
+    reported_already = maybe_reported and _already_final(dp, entry)
     if not reported_already:
         kwargs = Outcome(claim.status, claim.error_id, claim.error_message).set_task_status_kwargs(
             entry.task_id
@@ -300,9 +304,14 @@ def report_outcome(
         except TaskGone as exc:
             log.warning("%s/%s: SetTaskStatus: the task is gone (%s)", entry.namespace, entry.name, exc)
         except InvalidRequest as exc:
-            if not claim.resumed:
+            if not maybe_reported:
                 raise
-            log.warning("%s/%s: SetTaskStatus refused after a restart: %s", entry.namespace, entry.name, exc)
+            log.warning(
+                "%s/%s: SetTaskStatus refused after a restart or takeover: %s",
+                entry.namespace,
+                entry.name,
+                exc,
+            )
     message = f"{cause}: {claim.status}" + (f" {claim.error_id}" if claim.error_id else "")
     ledger.mark_reported(op.kube, entry.namespace, entry.name, claim=claim, message=claim.error_message)
     phase = ledger.FINAL_PHASE[claim.status]

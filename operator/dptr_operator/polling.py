@@ -35,7 +35,7 @@ from dptr_common.datapipeline import (
     Throttled,
     TransientError,
 )
-from dptr_common.kube import ApiError, NotFound, namespaced_path, taskrunner_path
+from dptr_common.kube import ApiError, ApiUnavailable, NotFound, namespaced_path, taskrunner_path
 from dptr_common.models import TaskRunner
 from dptr_common.pacing import Backoff, HeartbeatPlan, heartbeat_interval, jittered
 from dptr_operator.events import task_runner_ref
@@ -273,7 +273,7 @@ class RunnerWorker:
         while not self._stop.is_set():
             if index >= self.spec.pollers:
                 return
-            if not self._reserve():
+            if not self._api_reachable() or not self._reserve():
                 continue
             dispatched = False
             try:
@@ -303,6 +303,22 @@ class RunnerWorker:
             finally:
                 if not dispatched:
                     self.release()
+
+    def _api_reachable(self) -> bool:
+        """Poll only what can be recorded: while the API server does not answer, a polled
+        task cannot become a PipelineTask, and Data Pipeline would give it to someone else
+        once its ack window passed.  After a failed call, one GET must answer first."""
+        kube = self.op.kube
+        if kube.unreachable_since is None:
+            return True
+        try:
+            kube.get(taskrunner_path(self.namespace, self.name), timeout=5)
+        except ApiUnavailable:
+            self._stop.wait(max(self.op.config.scaled(2.0), 0.5))
+            return False
+        except ApiError:
+            pass  # it answered
+        return True
 
     def _poll_once(self) -> dict[str, Any] | None:
         client = self.client()
