@@ -174,7 +174,14 @@ class Cluster:
                 "region": "us-east-1",
                 "endpointUrl": datapipeline.endpoint_url,
                 "credentials": {"mode": "Secret", "secretRef": {"name": "dp-credentials"}},
-                "jobTemplate": {"image": "debian:bookworm"},
+                # The shared bed's nodes run pods; most operator tests want them to
+                # stay Pending (their statuses are patched by hand), so by default
+                # the pods ask for a node that does not exist. Tests that want pods
+                # to run pass their own jobTemplate.
+                "jobTemplate": {
+                    "image": "debian:bookworm",
+                    "nodeSelector": {"dptr.dev/test": "no-such-node"},
+                },
                 **spec,
             },
         }
@@ -182,5 +189,5 @@ class Cluster:
         return self.runner(name)
 
 
-#: Pods never run in these tests unless a node is there: keep graces long by default.
+#: Pods stay Pending in these tests unless they ask to run: keep graces long by default.
 QUIET_GRACES = ("--unschedulable-grace-seconds", "100000", "--image-pull-grace-seconds", "100000")

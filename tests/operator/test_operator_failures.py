@@ -137,7 +137,7 @@ def test_unschedulable_past_grace_fails_and_removes_the_job(
     cluster: Cluster, datapipeline: LocalDataPipeline, operator_factory
 ) -> None:
     operator_factory("--unschedulable-grace-seconds", "200").start()  # 2 s at 0.01
-    cluster.create_runner(datapipeline, "wg-unsched")
+    cluster.create_runner(datapipeline, "wg-unsched")  # its pods ask for a node that does not exist
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-unsched")
     record = wait_for(lambda: next(iter(datapipeline.ledger.attempts.values()), None), what="polled")
     wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")
