@@ -68,6 +68,10 @@ SetStatus = Literal["FINISHED", "FAILED", "FALSE"]
 # --------------------------------------------------------------------------- errors
 
 
+#: Attempt @status values after which SetTaskStatus would be refused.
+FINAL_ATTEMPT_STATUSES = frozenset({"FINISHED", "FAILED", "FALSE", "CANCELED", "CASCADE_FAILED", "TIMEDOUT"})
+
+
 class DataPipelineError(Exception):
     """A Data Pipeline call failed.
 
@@ -483,6 +487,21 @@ class DataPipelineClient:
                 if not response.get("hasMoreResults") or not marker:
                     break
         return objects
+
+    def attempt_is_final(self, pipeline_id: str, attempt_id: str) -> bool:
+        """Whether Data Pipeline already holds a final status for the attempt.
+
+        A reporter that claimed a report and then restarted (or took over a
+        claim whose holder went silent) cannot know whether SetTaskStatus went
+        out before the crash; asking first keeps it from reporting twice.
+        Raises DataPipelineError when the service cannot be asked, so callers
+        retry rather than guess.
+        """
+        for obj in self.describe_objects(pipeline_id, [attempt_id], evaluate_expressions=False):
+            for field in obj.get("fields") or []:
+                if field.get("key") == "@status" and field.get("stringValue") in FINAL_ATTEMPT_STATUSES:
+                    return True
+        return False
 
     def close(self) -> None:
         """Close the HTTP connection pools."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 ProblemKind = Literal["ImagePull", "Unschedulable", "Ended", "Deadline", "Lost"]
 
 _IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
-_FINAL_DP_STATUSES = frozenset({"FINISHED", "FAILED", "FALSE", "CANCELED", "CASCADE_FAILED", "TIMEDOUT"})
 
 
 @dataclass(frozen=True)
@@ -194,21 +194,24 @@ def cancel_task(op: Operator, entry: TaskEntry, reason: str, message: str) -> No
         op.task_finished(entry, "Canceled")
 
 
-def _already_final(dp: DataPipelineClient, entry: TaskEntry) -> bool:
+def _already_final(op: Operator, dp: DataPipelineClient, entry: TaskEntry, deadline: float) -> bool:
     """Whether Data Pipeline already has a final status for the attempt (after a restart
-    between SetTaskStatus and recording it)."""
+    between SetTaskStatus and recording it). Retried: guessing "no" could report twice."""
     try:
-        objects = dp.describe_objects(entry.pipeline_id, [entry.attempt_id], evaluate_expressions=False)
+        return call_with_retry(
+            lambda: dp.attempt_is_final(entry.pipeline_id, entry.attempt_id),
+            deadline=deadline,
+            base=max(op.config.scaled(1.0), 0.05),
+            cap=max(op.config.scaled(30.0), 0.5),
+        )
     except DataPipelineError as exc:
-        log.info(
-            "%s/%s: DescribeObjects failed (%s); assuming not reported", entry.namespace, entry.name, exc
+        log.warning(
+            "%s/%s: DescribeObjects failed (%s); reporting, a refusal counts as done",
+            entry.namespace,
+            entry.name,
+            exc,
         )
         return False
-    for obj in objects:
-        for field in obj.get("fields") or []:
-            if field.get("key") == "@status" and field.get("stringValue") in _FINAL_DP_STATUSES:
-                return True
-    return False
 
 
 def report_outcome(
@@ -280,14 +283,12 @@ def report_outcome(
     # silent (a sidecar killed between SetTaskStatus and mark_reported) may already have
     # been reported: ask Data Pipeline before calling SetTaskStatus a second time.
     maybe_reported = claim.resumed or claim.taken_over_from is not None
-    reported_already = maybe_reported and _already_final(dp, entry)
+    deadline = time.monotonic() + max(stale_after * 0.5, 1.0)
+    reported_already = maybe_reported and _already_final(op, dp, entry, deadline)
     if not reported_already:
         kwargs = Outcome(claim.status, claim.error_id, claim.error_message).set_task_status_kwargs(
             entry.task_id
         )
-        import time as _time
-
-        deadline = _time.monotonic() + max(stale_after * 0.5, 1.0)
         try:
             with op.metrics.timed("SetTaskStatus"):
                 call_with_retry(

@@ -166,6 +166,8 @@ class Sidecar:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.stop_heartbeats = threading.Event()
         self.task_id = ""
+        self.pipeline_id = ""
+        self.attempt_id = ""
         self.timeout = DEFAULT_REPORT_PROGRESS_TIMEOUT  # protocol seconds
         self.interval = config.heartbeat_interval  # protocol seconds
         self.last_beat = time.monotonic()
@@ -215,6 +217,18 @@ class Sidecar:
                 log.info("%s failed (%s); retrying", what, exc)
                 time.sleep(min(0.2 * 2**attempt, 5.0))
 
+    def _already_final(self, deadline: float) -> bool:
+        """Ask Data Pipeline whether our attempt already has its final status."""
+        from dptr_common.datapipeline import DataPipelineError
+
+        try:
+            return bool(
+                self._call_dp(lambda: self.dp.attempt_is_final(self.pipeline_id, self.attempt_id), deadline)
+            )
+        except DataPipelineError as exc:
+            log.warning("could not ask whether the attempt is already final (%s); reporting", exc)
+            return False
+
     def _call_dp(self, fn: Callable[[], Any], deadline: float) -> Any:
         from dptr_common.datapipeline import call_with_retry
 
@@ -244,6 +258,8 @@ class Sidecar:
         self._pt_ref = object_reference(pt)
         spec, status = pt.get("spec") or {}, pt.get("status") or {}
         self.task_id = str(spec.get("taskId") or "")
+        self.pipeline_id = str(spec.get("pipelineId") or "")
+        self.attempt_id = str(spec.get("attemptId") or "")
         if not self.task_id:
             log.error("PipelineTask %s has no spec.taskId", cfg.pipeline_task)
             return 1
@@ -530,17 +546,24 @@ class Sidecar:
             self.task_id, trace
         )
         note = ""
+        report_deadline = deadline + self.scaled(REPORT_RETRY_BUDGET)
+        # Restarted between SetTaskStatus and recording it? Reporting again would
+        # be a second final status.
+        already = claim.resumed and self._already_final(report_deadline)
+        if already:
+            note = " (already recorded by Data Pipeline before a restart)"
         try:
-            self._call_dp(
-                lambda: self.dp.set_task_status(
-                    self.task_id,
-                    claim.status,
-                    kwargs.get("errorId"),
-                    kwargs.get("errorMessage"),
-                    kwargs.get("errorStackTrace"),
-                ),
-                deadline + self.scaled(REPORT_RETRY_BUDGET),
-            )
+            if not already:
+                self._call_dp(
+                    lambda: self.dp.set_task_status(
+                        self.task_id,
+                        claim.status,
+                        kwargs.get("errorId"),
+                        kwargs.get("errorMessage"),
+                        kwargs.get("errorStackTrace"),
+                    ),
+                    report_deadline,
+                )
         except InvalidRequest as exc:
             if not claim.resumed:
                 log.error("SetTaskStatus %s was refused: %s", claim.status, exc)

@@ -72,6 +72,15 @@ def test_poll_ack_heartbeat_finish(svc: LocalDataPipeline, dp: DataPipelineClien
     svc.assert_clean()
 
 
+def test_attempt_is_final_only_after_the_final_status(svc: LocalDataPipeline, dp: DataPipelineClient) -> None:
+    task = start_task(svc, dp)
+    dp.report_task_progress(task["taskId"])
+    assert dp.attempt_is_final(task["pipelineId"], task["attemptId"]) is False
+    dp.set_task_status(task["taskId"], "FAILED", "dptr.ExitCode.3")
+    assert dp.attempt_is_final(task["pipelineId"], task["attemptId"]) is True
+    svc.assert_clean()
+
+
 def test_describe_objects(svc: LocalDataPipeline, dp: DataPipelineClient) -> None:
     task = start_task(svc, dp)
     objects = dp.describe_objects(task["pipelineId"], [task["attemptId"]])
