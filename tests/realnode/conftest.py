@@ -13,7 +13,7 @@ These tests never skip: when the machine lacks something (root, the Debian
 packages, the Go toolchain, cgroup controllers...), they FAIL and say what is
 missing and how to install it (``dptr-testbed node-prereqs --install``).
 
-To extend (e.g. the helm-install + pipeline end-to-end test): take the
+To extend (test_e2e.py does: helm install + a pipeline's outcomes): take the
 ``real_bed`` fixture, load more images with ``real_bed.load_image(...)`` (or use
 the operator/sidecar images the bed already loaded: ``images.OPERATOR_IMAGE``,
 ``images.SIDECAR_IMAGE``), install with ``real_bed.helm(...)``, and reach host

@@ -1,14 +1,12 @@
 """End to end on a real node: locally built images run as real containers.
 
-For now: the node registers and is Ready on containerd; a pod from a locally
-built image runs to completion under the restricted Pod Security Standard,
-reaches the API server through the ``kubernetes`` Service with its own token,
-and its exit code is the pod's; the sidecar image has no kopf.
+The node registers and is Ready on containerd; a pod from a locally built
+image runs to completion under the restricted Pod Security Standard, reaches
+the API server through the ``kubernetes`` Service with its own token, and its
+exit code is the pod's; the sidecar image has no kopf.
 
-Next (once the chart and operator land): helm install the chart with
-images.OPERATOR_IMAGE / images.SIDECAR_IMAGE, a TaskRunner against a local Data
-Pipeline service listening on ``real_bed.node_address``, and one succeeding,
-one failing and one cancelled activity checked against the service's ledger.
+test_e2e.py: the chart, the operator pod and a pipeline's outcomes through the
+sidecar in real task pods.
 """
 
 from __future__ import annotations
