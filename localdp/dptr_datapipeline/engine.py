@@ -505,6 +505,8 @@ class Engine:
                 worker_group=inst.worker_group,
                 polled_at=time.time(),
                 hostname=hostname,
+                # ready_at is on the monotonic clock: shown as wall-clock time.
+                ready_at=time.time() - max(0.0, now - a.ready_at),
             )
         )
         objects = {a.id: self._attempt_object(a, evaluated=True)}

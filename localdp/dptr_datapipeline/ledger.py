@@ -55,6 +55,8 @@ class AttemptRecord:
     worker_group: str
     polled_at: float
     hostname: str | None = None
+    # Wall-clock time the attempt became ready to be polled (for dispatch latency).
+    ready_at: float | None = None
     acked_at: float | None = None
     last_progress_at: float | None = None
     progress_calls: int = 0

@@ -9,11 +9,15 @@ no kopf daemon); a due item is checked against the index (cheap), and a heartbea
 submitted to a bounded pool only when a token of the runner's pacing budget is free.
 Items are spread: a new task's first heartbeat is at a random point of its interval,
 and the token bucket turns any backlog (after a restart) into an even stream at the
-budget rate instead of a burst.
+budget rate instead of a burst.  A due task that finds no token waits in its runner's
+FIFO queue (oldest first), and one wake-up per runner drains it as tokens free up: a
+backlog costs O(1) per token rather than re-scheduling every waiting task on each one,
+and no task waits behind tasks that became due after it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import itertools
@@ -23,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dptr_common import ledger
 from dptr_common.datapipeline import CredentialsError, DataPipelineError, TaskGone
@@ -63,6 +67,12 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+class _Drain(NamedTuple):
+    """Heap item: a token of this runner's budget is free; drain its waiting queue."""
+
+    runner_key: TaskKey
+
+
 def sidecar_stale_after(interval: float) -> float:
     """Sidecar heartbeats older than this are stale: 1.5 intervals, so with an interval of
     at most a third of reportProgressTimeout the operator is back within half of it."""
@@ -72,7 +82,7 @@ def sidecar_stale_after(interval: float) -> float:
 class HeartbeatScheduler:
     def __init__(self, op: Operator) -> None:
         self.op = op
-        self._heap: list[tuple[float, int, TaskKey]] = []
+        self._heap: list[tuple[float, int, TaskKey | _Drain]] = []
         self._scheduled: dict[TaskKey, float] = {}
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -80,6 +90,9 @@ class HeartbeatScheduler:
         self._pool = ThreadPoolExecutor(op.config.heartbeat_workers, thread_name_prefix="heartbeat")
         self._buckets: dict[TaskKey, TokenBucket] = {}
         self._failures: dict[TaskKey, int] = {}
+        #: Per runner: due tasks waiting for a token, oldest first (scheduler thread only).
+        self._waiting: dict[TaskKey, collections.deque[TaskKey]] = {}
+        self._waiting_keys: set[TaskKey] = set()
         self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
 
     def start(self) -> None:
@@ -93,7 +106,7 @@ class HeartbeatScheduler:
 
     def __len__(self) -> int:
         with self._cv:
-            return len(self._scheduled)
+            return len(self._scheduled) + len(self._waiting_keys)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -137,39 +150,80 @@ class HeartbeatScheduler:
                     self._cv.wait(min(due - now, 1.0))
                     continue
                 heapq.heappop(self._heap)
-                if self._scheduled.get(key) != due:
+                if isinstance(key, _Drain):
+                    pass
+                elif self._scheduled.get(key) != due:
                     continue  # superseded by an earlier schedule
-                del self._scheduled[key]
+                else:
+                    del self._scheduled[key]
+            if isinstance(key, _Drain):
+                self._drain(key.runner_key, now)
+                continue
+            if key in self._waiting_keys:
+                continue  # already queued for a token
             try:
                 self._check(key, now)
             except Exception:
                 log.exception("heartbeat scheduling of %s failed", key)
                 self.schedule(key, 5.0)
 
-    def _check(self, key: TaskKey, now: float) -> None:
+    def _drain(self, runner_key: TaskKey, now: float) -> None:
+        """Give free tokens to the runner's waiting tasks, oldest first."""
+        queue = self._waiting.get(runner_key)
+        while queue:
+            key = queue.popleft()
+            self._waiting_keys.discard(key)
+            try:
+                if not self._check(key, now, waited=True):
+                    return  # no token: back at the head, and a wake-up is scheduled
+            except Exception:
+                log.exception("heartbeat scheduling of %s failed", key)
+                self.schedule(key, 5.0)
+        self._waiting.pop(runner_key, None)
+
+    def _wait_for_token(self, key: TaskKey, runner_key: TaskKey, wait: float, *, head: bool) -> None:
+        queue = self._waiting.get(runner_key)
+        if queue is None:
+            queue = self._waiting[runner_key] = collections.deque()
+        first = not queue
+        if head:
+            queue.appendleft(key)
+        else:
+            queue.append(key)
+        self._waiting_keys.add(key)
+        if first or head:
+            with self._cv:
+                heapq.heappush(self._heap, (time.monotonic() + wait, next(self._seq), _Drain(runner_key)))
+
+    def _check(self, key: TaskKey, now: float, *, waited: bool = False) -> bool:
+        """Heartbeat a due task if its runner has a token; False when it has to wait for one."""
         entry = self.op.index.get(key)
         if entry is None or entry.terminal:
             self._failures.pop(key, None)
-            return
+            return True
         if not self.op.leading:
             self.schedule(key, 1.0)
-            return
+            return True
         interval = self.op.interval_for(entry)
         if entry.heartbeat_owner == "sidecar" and entry.heartbeat_last_at is not None:
             age = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds()
             stale = sidecar_stale_after(interval)
             if age < stale:
                 self.schedule(key, stale - age + 0.01)
-                return
+                return True
+        if not waited and self._waiting.get(entry.runner_key):
+            self._wait_for_token(key, entry.runner_key, 0.0, head=False)  # behind older ones
+            return False
         bucket = self._bucket(entry)
         wait = bucket.take(now)
         if wait > 0:
-            self.schedule(key, wait)
-            return
+            self._wait_for_token(key, entry.runner_key, wait, head=waited)
+            return False
         if entry.heartbeat_last_at is not None and entry.acknowledged:
             late = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds() - interval
             self.op.metrics.heartbeat_lag.observe(max(late, 0.0))
         self._pool.submit(self._beat, key)
+        return True
 
     def _bucket(self, entry: TaskEntry) -> TokenBucket:
         worker = self.op.worker_for(entry)
