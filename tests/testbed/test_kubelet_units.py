@@ -173,3 +173,30 @@ def test_pid_1_ignores_sigterm_without_a_handler_and_dies_to_sigkill(tmp_path: P
     proc.signal(signal.SIGKILL)
     proc.popen.wait(10)
     assert proc.outcome() == (137, 9, None)
+
+
+@pytest.mark.usefixtures("root")
+def test_a_volume_over_the_checkout_hides_neither_state_nor_programs(tmp_path: Path) -> None:
+    """An emptyDir at a parent of the bed's state and of the image stand-in (a checkout
+    under /tmp with an emptyDir at /tmp) keeps its sources, the termination log, the error
+    file and the container's own programs reachable."""
+    image = tmp_path / "image"
+    image.mkdir()
+    prog = image / "prog"
+    prog.write_text("#!/bin/sh\necho from-image; echo done > /dev/termination-log\n")
+    prog.chmod(0o755)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    token = tmp_path / "token"
+    token.mkdir()
+    (token / "t").write_text("secret")
+    proc, out = _run(
+        tmp_path,
+        ["sh", "-c", f"{prog}; cat {tmp_path}/token-mount/t; echo; touch {prog} 2>/dev/null || echo ro"],
+        # Mounted over tmp_path itself: scratch, sources and the image all live below it.
+        mounts=[Mount(empty, str(tmp_path)), Mount(token, str(tmp_path / "token-mount"))],
+        image_paths=[image],
+    )
+    assert proc.outcome() == (0, None, None), out
+    assert out == "from-image\nsecret\nro\n"
+    assert (tmp_path / "term").read_text() == "done\n"

@@ -61,6 +61,11 @@ class LaunchSpec:
     groups: list[int] = field(default_factory=list)
     no_new_privs: bool = False
     hide: list[Path] = field(default_factory=list)
+    #: Host directories that stand in for the image's filesystem (this Python
+    #: environment and the project's code). A volume mounted over a parent of
+    #: one (an emptyDir at /tmp while the checkout lives under /tmp) would hide
+    #: the container's own programs, so they are bound back, read-only.
+    image_paths: list[Path] = field(default_factory=list)
 
     @property
     def errfile(self) -> Path:
@@ -108,6 +113,13 @@ def render_script(ls: LaunchSpec) -> str:
     sources = [(m.source, m.source.is_dir()) for m in mounts]
     if not term_in_dev and ls.termination_path:
         sources.append((ls.termination_log, False))
+    shadowed = [
+        p
+        for p in ls.image_paths
+        if any(str(p) == t or str(p).startswith(t.rstrip("/") + "/") for t in (m.target for m in mounts))
+    ]
+    first_image = len(sources)
+    sources += [(p, True) for p in shadowed]
     for i, (source, is_dir) in enumerate(sources):
         staged.append(f"{stage}/{i}")
         lines.append(f"run {mkdir} {staged[i]}" if is_dir else f": > {staged[i]}")
@@ -128,6 +140,13 @@ def render_script(ls: LaunchSpec) -> str:
             f"run {mkdir} -p {q(os.path.dirname(ls.termination_path) or '/')}",
             f"[ -e {target} ] || : > {target} || fail 'cannot create {ls.termination_path}'",
             f"run {mount} --bind {staged[-1]} {target}",
+        ]
+    for i, path in enumerate(shadowed, start=first_image):
+        target = q(str(path))
+        lines += [
+            f"run {mkdir} -p {target}",
+            f"run {mount} --bind {staged[i]} {target}",
+            f"run {mount} -o remount,bind,ro {target}",
         ]
     # The staged binds would let a container write to a volume it mounts
     # read-only; they go before the container's command starts.

@@ -511,6 +511,7 @@ class PodRunner(threading.Thread):
             groups=spec.supplemental_groups(self.pod),
             no_new_privs=sc.get("allowPrivilegeEscalation") is False,
             hide=self.standin.hidden_paths([m.target for m in mounts] + [cspec.get("workingDir") or "/"]),
+            image_paths=self.standin.image_paths,
         )
 
     # ---- environment ------------------------------------------------------------

@@ -62,6 +62,9 @@ class StandIn:
         host_path = os.environ.get("PATH") or DEFAULT_PATH
         venv_bin = os.path.dirname(sys.executable)
         self.default_path = host_path if venv_bin in host_path.split(":") else f"{venv_bin}:{host_path}"
+        # What stands for every image: this Python environment and the project's
+        # code (an editable install points into the checkout).
+        self.image_paths = [Path(sys.prefix).resolve(), Path(__file__).resolve().parents[3]]
         cert, key = self_signed(self.root / "pki", node)
         self.log_server = LogServer(self._resolve_log, cert, key, self.api.ca_file)
         self.agent = NodeAgent(self.api, node, self.log_server.port)
