@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import installs
+
 NAMESPACE = "dptr-demo"
 WORKER_GROUP = "dptr-demo"
-REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO / "charts" / "dptr" / "crds"
-SIDECAR_RULES = REPO / "charts" / "dptr" / "files" / "sidecar-role.yaml"
+CRD_DIR = installs.CRD_DIR
 
 #: Ten times faster than real time: the 2-minute ack window is 12 s and the
 #: default 15-minute reportProgressTimeout is 90 s, so the demo is quick but
@@ -112,8 +112,6 @@ def _apply(bed: Any, obj: dict[str, Any]) -> None:
 
 
 def _install(bed: Any, service: Any) -> None:
-    import yaml
-
     from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY
 
     bed.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
@@ -126,27 +124,9 @@ def _install(bed: Any, service: Any) -> None:
     )
     bed.kubectl("create", "namespace", NAMESPACE)
     bed.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
-    # The sidecar's RBAC from the chart's single source of its rules.
-    _apply(bed, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "dptr-sidecar"}})
-    _apply(
-        bed,
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "dptr-sidecar"},
-            "rules": yaml.safe_load(SIDECAR_RULES.read_text()),
-        },
-    )
-    _apply(
-        bed,
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "dptr-sidecar"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dptr-sidecar"},
-            "subjects": [{"kind": "ServiceAccount", "name": "dptr-sidecar", "namespace": NAMESPACE}],
-        },
-    )
+    # The sidecar's RBAC, from the chart's single source of its rules.
+    for obj in installs.sidecar_rbac(NAMESPACE):
+        _apply(bed, obj)
     _apply(
         bed,
         {

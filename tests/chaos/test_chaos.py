@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from dptr_common.kube import KubeClient, job_path, pipelinetask_path
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
 from dptr_testbed import controlplane
+from dptr_testbed.installs import sidecar_rbac
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -174,22 +174,8 @@ def _install(bed: controlplane.Testbed, kube: KubeClient, datapipeline: LocalDat
         "crd/pipelinetasks.dptr.dev",
     )
     bed.kubectl("create", "namespace", NAMESPACE)
-    rules = yaml.safe_load((REPO / "charts" / "dptr" / "files" / "sidecar-role.yaml").read_text())
     objects: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "dptr-sidecar"}},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "dptr-sidecar"},
-            "rules": rules,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "dptr-sidecar"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dptr-sidecar"},
-            "subjects": [{"kind": "ServiceAccount", "name": "dptr-sidecar", "namespace": NAMESPACE}],
-        },
+        *sidecar_rbac(NAMESPACE),
         {
             "apiVersion": "v1",
             "kind": "Secret",

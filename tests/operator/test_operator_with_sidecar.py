@@ -14,10 +14,9 @@ from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.installs import sidecar_rbac
 
 pytestmark = pytest.mark.cluster
-
-SIDECAR_ROLE = Path(__file__).resolve().parents[2] / "charts" / "dptr" / "files" / "sidecar-role.yaml"
 
 
 @pytest.fixture
@@ -27,26 +26,8 @@ def node_cluster(crds: RunningTestbed, request: pytest.FixtureRequest) -> Iterat
     crds.kubectl("create", "namespace", name)
     cluster = Cluster(crds, name)
     # The sidecar's RBAC in the task namespace, from the chart's single source.
-    import yaml
-
-    rules = yaml.safe_load(SIDECAR_ROLE.read_text())
-    cluster.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "dptr-sidecar"},
-            "rules": rules,
-        }
-    )
-    cluster.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "dptr-sidecar"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dptr-sidecar"},
-            "subjects": [{"kind": "ServiceAccount", "name": "dptr-sidecar", "namespace": name}],
-        }
-    )
+    for obj in sidecar_rbac(name):
+        cluster.apply(obj)
     yield cluster
     crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
 

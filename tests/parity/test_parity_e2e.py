@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from parity_helpers import keys_under, read_gzip_object, read_object
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.installs import sidecar_rbac
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
 
-SIDECAR_ROLE = Path(__file__).resolve().parents[2] / "charts" / "dptr" / "files" / "sidecar-role.yaml"
 WORKER_GROUP = "wg-parity-e2e"
 
 SCRIPT = b"""#!/bin/sh
@@ -49,23 +48,8 @@ BROKEN = 'echo partial > "$OUTPUT1_STAGING_DIR/partial"; echo out; echo "it brok
 def node_cluster(crds: RunningTestbed, namespace: str) -> Cluster:
     """The test's namespace with the sidecar's RBAC, from the chart's single source."""
     cluster = Cluster(crds, namespace)
-    cluster.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "dptr-sidecar"},
-            "rules": yaml.safe_load(SIDECAR_ROLE.read_text()),
-        }
-    )
-    cluster.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "dptr-sidecar"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dptr-sidecar"},
-            "subjects": [{"kind": "ServiceAccount", "name": "dptr-sidecar", "namespace": namespace}],
-        }
-    )
+    for obj in sidecar_rbac(namespace):
+        cluster.apply(obj)
     return cluster
 
 

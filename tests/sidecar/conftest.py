@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from dptr_common.kube import KubeClient, NotFound, job_path, pipelinetask_path, pod_path, taskrunner_path
 from dptr_common.models import PipelineTaskSpec, TaskRunner
@@ -29,10 +28,9 @@ from dptr_common.render import render_job
 from dptr_common.task import Task, parse_task
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.installs import SIDECAR_ACCOUNT, sidecar_rbac
 
 REPO = Path(__file__).resolve().parents[2]
-SIDECAR_ROLE = REPO / "charts" / "dptr" / "files" / "sidecar-role.yaml"
-SIDECAR_ACCOUNT = "dptr-sidecar"
 TIME_SCALE = 0.01  # the datapipeline fixture's
 
 
@@ -49,37 +47,12 @@ def wait_for(
         time.sleep(interval)
 
 
-def sidecar_role_rules() -> list[dict[str, Any]]:
-    rules = yaml.safe_load(SIDECAR_ROLE.read_text())
-    assert isinstance(rules, list)
-    return rules
-
-
 def install_sidecar_rbac(kube: KubeClient, namespace: str, account: str = SIDECAR_ACCOUNT) -> None:
     """ServiceAccount ``account`` + Role + RoleBinding in ``namespace``, from the chart's file."""
-    kube.create(
-        f"/api/v1/namespaces/{namespace}/serviceaccounts",
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}},
-    )
-    kube.create(
-        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles",
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": account},
-            "rules": sidecar_role_rules(),
-        },
-    )
-    kube.create(
-        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": account},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
-        },
-    )
+    plural = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}
+    for obj in sidecar_rbac(namespace, account):
+        group = "/api/v1" if obj["apiVersion"] == "v1" else f"/apis/{obj['apiVersion']}"
+        kube.create(f"{group}/namespaces/{namespace}/{plural[obj['kind']]}", obj)
 
 
 @dataclass
