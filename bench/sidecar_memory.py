@@ -86,8 +86,9 @@ def main() -> int:
             name = pod["metadata"]["name"]
 
             def set_task_state(state: dict[str, Any]) -> None:
-                obj = h.kube.get(pod_path("bench", name))
-                obj["status"] = {
+                # A merge patch, not a PUT: the pod's controllers write it too, and a
+                # PUT with a stale resourceVersion is refused with 409.
+                status = {
                     "phase": "Running",
                     "containerStatuses": [
                         {
@@ -100,7 +101,7 @@ def main() -> int:
                         }
                     ],
                 }
-                h.kube.replace(pod_path("bench", name, "status"), obj)
+                h.kube.patch(pod_path("bench", name, "status"), {"status": status})
 
             set_task_state({"running": {"startedAt": "2025-01-01T00:00:00Z"}})
             token = bed.kubectl("create", "token", "dptr-sidecar", "-n", "bench").strip()
