@@ -195,9 +195,16 @@ def test_pod_deleted_while_running(harness: SidecarHarness, datapipeline: LocalD
     # Not a cancel (eviction, drain): the task is stopped with SIGTERM and that is reported.
     # (A task that ignores SIGTERM is killed at the end of the grace period, together
     # with the sidecar: that pod ends unreported and the operator reports it.)
-    running = harness.start("trap 'exit 143' TERM; sleep 300 & wait")
+    running = harness.start("trap 'exit 143' TERM; echo trap-set; sleep 300 & wait")
     running.wait_sidecar_took_over()
     running.pod()
+    # Only once the trap is set: before that the shell is a PID 1 without a handler,
+    # which ignores SIGTERM, and the pod would end at SIGKILL, unreported by design.
+    wait_for(
+        lambda: b"trap-set" in harness.kube.read_log(harness.namespace, running.pod_name(), "task"),
+        60,
+        what="the task's SIGTERM trap",
+    )
     harness.kube.delete(f"/api/v1/namespaces/{harness.namespace}/pods/{running.pod_name()}")
     record = finish(datapipeline, running, "FAILED")
     assert record.error_id.startswith("dptr.Signal.")  # type: ignore[attr-defined]

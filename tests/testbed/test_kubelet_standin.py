@@ -215,14 +215,21 @@ def test_deletion_sends_sigterm_then_sigkill_after_the_grace_period(
         ns,
         pod(
             "doomed",
-            container("polite", "trap 'exit 42' TERM; while :; do sleep 0.1; done"),
-            container("stubborn", "trap '' TERM; while :; do sleep 0.1; done"),
+            container("polite", "trap 'exit 42' TERM; echo trap-set; while :; do sleep 0.1; done"),
+            container("stubborn", "trap '' TERM; echo trap-set; while :; do sleep 0.1; done"),
             terminationGracePeriodSeconds=3,
         ),
     )
     kube.wait_pod(
         ns, "doomed", lambda p: all(s.get("started") for s in p["status"].get("containerStatuses") or [{}])
     )
+    # A shell is PID 1 without a handler (ignoring SIGTERM) until its trap is set.
+    for name in ("polite", "stubborn"):
+        wait_for(
+            lambda name=name: "trap-set" in kube.core.read_namespaced_pod_log("doomed", ns, container=name),
+            30,
+            f"{name}'s trap",
+        )
     start = time.time()
     kube.core.delete_namespaced_pod("doomed", ns)
     wait_for(lambda: kube.pod(ns, "doomed") is None, 30, "the pod to be removed")
