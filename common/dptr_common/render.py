@@ -354,7 +354,6 @@ def render_base_job(
     namespace: str,
     owner: dict[str, Any],
     service_account_name: str | None = None,
-    sidecar_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Job without staging or S3 log capture (what :func:`render_job` builds on).
 
@@ -362,9 +361,8 @@ def render_base_job(
     is what the sidecar reports on.  ``sidecar_image`` is the operator's default, used
     unless the TaskRunner sets ``sidecarImage``.  ``service_account_name`` is the
     operator's default for the pod when the template names none (the account the
-    sidecar's RBAC is bound to).  ``sidecar_env`` adds (or overrides) plain variables
-    of the sidecar and the script fetcher, e.g. ``{"DPTR_TIME_SCALE": "0.01"}`` from an
-    operator running time-scaled.
+    sidecar's RBAC is bound to).  :func:`render_job` adds ``sidecar_env`` to every init
+    container once the staging containers exist.
 
     Raises :class:`TaskError` (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``,
     ``dptr.InvalidTask.*``) for a task that cannot run; nothing must be created then.
@@ -423,8 +421,6 @@ def render_base_job(
         init_containers.append(_fetcher(task, runner, sidecar_image))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
         task_container["volumeMounts"] = [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True}]
-    for container in init_containers:
-        _override_env(container, sidecar_env or {})
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
