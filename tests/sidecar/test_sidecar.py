@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from dptr_common.kube import NotFound
 from dptr_datapipeline import LocalDataPipeline
 
 from .conftest import RunningTask, SidecarHarness, dump, sidecar_pids, wait_for
@@ -191,6 +192,17 @@ def test_sigterm_racing_a_quick_exit(harness: SidecarHarness, datapipeline: Loca
     assert record.error_id == "dptr.ExitCode.6"  # type: ignore[attr-defined]
 
 
+def task_log(harness: SidecarHarness, running: RunningTask) -> bytes:
+    """The task container's log so far; empty until the kubelet serves it (it answers
+    404 while the container has not started, which it may not have when the sidecar
+    has already taken over)."""
+    try:
+        log: bytes = harness.kube.read_log(harness.namespace, running.pod_name(), "task")
+    except NotFound:
+        return b""
+    return log
+
+
 def test_pod_deleted_while_running(harness: SidecarHarness, datapipeline: LocalDataPipeline) -> None:
     # Not a cancel (eviction, drain): the task is stopped with SIGTERM and that is reported.
     # (A task that ignores SIGTERM is killed at the end of the grace period, together
@@ -200,11 +212,7 @@ def test_pod_deleted_while_running(harness: SidecarHarness, datapipeline: LocalD
     running.pod()
     # Only once the trap is set: before that the shell is a PID 1 without a handler,
     # which ignores SIGTERM, and the pod would end at SIGKILL, unreported by design.
-    wait_for(
-        lambda: b"trap-set" in harness.kube.read_log(harness.namespace, running.pod_name(), "task"),
-        60,
-        what="the task's SIGTERM trap",
-    )
+    wait_for(lambda: b"trap-set" in task_log(harness, running), 60, what="the task's SIGTERM trap")
     harness.kube.delete(f"/api/v1/namespaces/{harness.namespace}/pods/{running.pod_name()}")
     record = finish(datapipeline, running, "FAILED")
     assert record.error_id.startswith("dptr.Signal.")  # type: ignore[attr-defined]
