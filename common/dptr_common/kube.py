@@ -352,6 +352,7 @@ _STALE_CONNECTION_ERRORS = (
     ConnectionResetError,
     BrokenPipeError,
     ConnectionAbortedError,
+    ssl.SSLEOFError,  # a kept-alive TLS connection the server closed, seen on the next write
 )
 
 
