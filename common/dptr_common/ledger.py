@@ -52,10 +52,12 @@ __all__ = [
     "decide_claim",
     "format_time",
     "heartbeat_is_stale",
+    "heartbeat_status",
     "mark_canceled",
     "mark_reported",
     "operator_holder",
     "parse_time",
+    "record_dispatch",
     "record_heartbeat",
     "revise_claim",
     "sidecar_holder",
@@ -441,6 +443,52 @@ def mark_canceled(
     return result
 
 
+def record_dispatch(
+    kube: KubeClient,
+    obj: Mapping[str, Any],
+    *,
+    job_name: str,
+    acknowledged_at: datetime | None,
+    by: str,
+) -> dict[str, Any]:
+    """Record a dispatched task: ``jobName``, ``acknowledgedAt``, the operator's heartbeat
+    ownership and phase Pending, without undoing anything written since ``obj`` was read.
+
+    The write may land after the pod started: its sidecar may have taken the heartbeats
+    over, or even reported the outcome.  So every write is conditional on the
+    resourceVersion it was computed from, and after a conflict the object is read again
+    and only what is still missing is written.  Returns the object after the write.
+    """
+    meta = obj.get("metadata") or {}
+    namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+    current: Mapping[str, Any] = obj
+    for _ in range(MAX_CONFLICT_RETRIES):
+        status = current.get("status") or {}
+        patch: dict[str, Any] = {}
+        if not status.get("jobName"):
+            patch["jobName"] = job_name
+        if acknowledged_at is not None:
+            stamp = format_time(acknowledged_at)
+            if not status.get("acknowledgedAt"):
+                patch["acknowledgedAt"] = stamp
+            if not (status.get("heartbeat") or {}).get("owner"):
+                patch["heartbeat"] = {"owner": "operator", "lastAt": stamp, "by": by, "lastError": None}
+        if not status.get("phase"):
+            patch["phase"] = "Pending"
+        if not patch:
+            return dict(current)
+        version = (current.get("metadata") or {}).get("resourceVersion")
+        try:
+            written: dict[str, Any] = kube.patch(
+                pipelinetask_path(namespace, name, "status"),
+                {"metadata": {"resourceVersion": version}, "status": patch},
+            )
+            return written
+        except Conflict:
+            current = kube.get(pipelinetask_path(namespace, name))
+    raise LedgerConflictError(f"{namespace}/{name}: the dispatch record kept conflicting")
+
+
 def take_over_heartbeats(
     kube: KubeClient,
     namespace: str,
@@ -476,9 +524,21 @@ def record_heartbeat(
     ``lastError`` cleared.  With ``error``: a failed attempt, so only ``lastError`` is
     written and ``lastAt`` keeps the last success (staleness is judged on it).
     """
+    status = heartbeat_status(by=by, at=at, error=error, clock=clock)
+    kube.patch(pipelinetask_path(namespace, name, "status"), {"status": status})
+
+
+def heartbeat_status(
+    *,
+    by: str | None = None,
+    at: datetime | None = None,
+    error: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> dict[str, Any]:
+    """The ``status`` merge patch :func:`record_heartbeat` writes (for writers that queue it)."""
     heartbeat: dict[str, Any] = {"lastError": error}
     if error is None or at is not None:
         heartbeat["lastAt"] = format_time(at or clock())
     if by is not None:
         heartbeat["by"] = by
-    kube.patch(pipelinetask_path(namespace, name, "status"), {"status": {"heartbeat": heartbeat}})
+    return {"heartbeat": heartbeat}

@@ -6,7 +6,8 @@
 3. acknowledge it with ReportTaskProgress at once, inside the 2-minute window, whatever
    the scheduling of its pod will take;
 4. render and create its Job (owner: the PipelineTask, itself owned by the TaskRunner);
-5. record the Job, the ack and the operator's heartbeat ownership in one status write.
+5. record the Job, the ack and the operator's heartbeat ownership in one status write,
+   off the poller (see ``ledger.record_dispatch`` for why it cannot undo later writes).
 """
 
 from __future__ import annotations
@@ -118,8 +119,6 @@ def dispatch(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any]) -> None
     if acked_at is None and op.index.get(entry.key) is not None and op.index.get(entry.key).terminal:  # type: ignore[union-attr]
         return  # canceled during the ack
 
-    if created:
-        op.events.emit(ref, "Polled", f"attempt {task.attempt_id} of pipeline {task.pipeline_id} polled")
     try:
         job_name = ensure_job(op, worker, entry, task, obj)
     except TaskError as err:
@@ -132,30 +131,26 @@ def dispatch(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any]) -> None
         )
         op.submit(op.report, entry, outcome_for_task_error(err), "invalid task", False, False)
         return
-    status: dict[str, Any] = {"jobName": job_name}
-    if acked_at is not None:
-        stamp = ledger.format_time(acked_at)
-        status["acknowledgedAt"] = stamp
-        status["heartbeat"] = {
-            "owner": "operator",
-            "lastAt": stamp,
-            "by": op.config.holder,
-            "lastError": None,
-        }
-    if not (obj.get("status") or {}).get("phase"):
-        status["phase"] = "Pending"
-    try:
-        op.kube.patch(pipelinetask_path(entry.namespace, entry.name, "status"), {"status": status})
-    except ApiError as exc:
-        log.warning("%s/%s: status write after dispatch failed: %s", entry.namespace, entry.name, exc)
     op.index.update(
         entry.key,
         job_name=job_name,
         acknowledged=entry.acknowledged or acked_at is not None,
         heartbeat_last_at=acked_at or entry.heartbeat_last_at,
     )
+    # Off the poller: the record is not needed to go on (a restarted operator finds the
+    # Job by name and one more ack is harmless), and it is a third of a dispatch's time.
+    op.submit(_record_dispatch, op, entry, obj, job_name, acked_at)
     op.scheduler.schedule_new(entry)
     op.metrics.dispatch_duration.observe(time.monotonic() - started)
+
+
+def _record_dispatch(
+    op: Operator, entry: TaskEntry, obj: Mapping[str, Any], job_name: str, acked_at: datetime | None
+) -> None:
+    try:
+        ledger.record_dispatch(op.kube, obj, job_name=job_name, acknowledged_at=acked_at, by=op.config.holder)
+    except (ApiError, ledger.LedgerConflictError) as exc:
+        log.warning("%s/%s: status write after dispatch failed: %s", entry.namespace, entry.name, exc)
 
 
 def _ack(op: Operator, worker: RunnerWorker, entry: TaskEntry) -> datetime | None:
@@ -204,7 +199,9 @@ def ensure_job(
         with op.metrics.timed("CreateJob"):
             op.kube.create(job_path(entry.namespace), job)
         op.events.emit(
-            pipeline_task_ref(entry.namespace, entry.name, entry.uid), "JobCreated", f"Job {name} created"
+            pipeline_task_ref(entry.namespace, entry.name, entry.uid),
+            "JobCreated",
+            f"Job {name} created for attempt {task.attempt_id} of pipeline {task.pipeline_id}",
         )
     except Conflict as exc:
         if exc.reason != "AlreadyExists":

@@ -18,7 +18,6 @@ and no task waits behind tasks that became due after it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import itertools
 import logging
@@ -267,8 +266,7 @@ class HeartbeatScheduler:
             log.info(
                 "%s/%s: heartbeat failed (%s); retrying in %.2fs", entry.namespace, entry.name, exc, retry
             )
-            with contextlib.suppress(ApiError):
-                ledger.record_heartbeat(self.op.kube, entry.namespace, entry.name, error=str(exc)[:500])
+            self.op.status_writer.put(key, ledger.heartbeat_status(error=str(exc)[:500]))
             self.schedule(key, max(retry, 0.01))
             return
         self._failures.pop(key, None)
@@ -289,9 +287,7 @@ class HeartbeatScheduler:
                     "Warning",
                 )
             else:
-                ledger.record_heartbeat(
-                    self.op.kube, entry.namespace, entry.name, by=self.op.config.holder, at=now
-                )
+                self.op.status_writer.put(key, ledger.heartbeat_status(by=self.op.config.holder, at=now))
             if not entry.acknowledged:
                 self.op.mark_acknowledged(entry, now)
         except NotFound:

@@ -32,6 +32,7 @@ from dptr_operator.heartbeats import HeartbeatScheduler
 from dptr_operator.index import TaskEntry, TaskIndex, TaskKey
 from dptr_operator.metrics import Metrics
 from dptr_operator.polling import RunnerWorker
+from dptr_operator.statuswriter import StatusWriter
 
 __all__ = ["FINALIZER", "Operator"]
 
@@ -60,6 +61,8 @@ class Operator:
         self.index = TaskIndex()
         self.events = EventRecorder(kube, config.identity)
         self.scheduler = HeartbeatScheduler(self)
+        self.status_writer = StatusWriter(kube, self.index)
+        self.status_writer.on_gone = self.index.remove
         self.workers: dict[TaskKey, RunnerWorker] = {}
         self._workers_lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max(8, config.heartbeat_workers // 2), thread_name_prefix="work")
@@ -77,6 +80,7 @@ class Operator:
         self.health.leader = True
         self.health.standby = False
         self.rebuild()
+        self.status_writer.start()
         self.scheduler.start()
         self._sweeper.start()
 
@@ -89,6 +93,7 @@ class Operator:
                 worker.stop()
         self.scheduler.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.status_writer.close()
         self.events.close()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:

@@ -21,6 +21,7 @@ from dptr_common.ledger import (
     mark_reported,
     operator_holder,
     parse_time,
+    record_dispatch,
     record_heartbeat,
     sidecar_holder,
     take_over_heartbeats,
@@ -328,6 +329,35 @@ def test_heartbeats(kube: KubeClient, namespace: str) -> None:
     # The operator resumes when the sidecar's heartbeats go stale.
     status = take_over_heartbeats(kube, namespace, name, owner="operator", by="operator-0")
     assert (status["heartbeat"]["owner"], status["heartbeat"]["by"]) == ("operator", "operator-0")
+
+
+def test_dispatch_record_on_a_fresh_task(kube: KubeClient, namespace: str) -> None:
+    name = create_task(kube, namespace)
+    obj = kube.get(pipelinetask_path(namespace, name))
+    acked = datetime.now(UTC).replace(microsecond=0)
+    record_dispatch(kube, obj, job_name="job-1", acknowledged_at=acked, by="operator-0")
+    status = status_of(kube, namespace, name)
+    assert (status["jobName"], status["phase"]) == ("job-1", "Pending")
+    assert parse_time(status["acknowledgedAt"]) == acked
+    assert (status["heartbeat"]["owner"], status["heartbeat"]["by"]) == ("operator", "operator-0")
+
+
+def test_a_late_dispatch_record_undoes_nothing(kube: KubeClient, namespace: str) -> None:
+    # The record is written off the poller, so the pod may have started, its sidecar
+    # taken the heartbeats over, and the task even been reported before it lands.
+    name = create_task(kube, namespace)
+    stale = kube.get(pipelinetask_path(namespace, name))
+    take_over_heartbeats(kube, namespace, name, owner="sidecar", by="task-pod")
+    claim = claim_report(kube, namespace, name, holder=sidecar_holder("p"), status="FINISHED", stale_after=60)
+    assert claim is not None and mark_reported(kube, namespace, name, claim=claim)
+
+    after = record_dispatch(kube, stale, job_name="job-1", acknowledged_at=datetime.now(UTC), by="operator-0")
+    status = status_of(kube, namespace, name)
+    assert status == after["status"]
+    assert status["phase"] == "Succeeded"
+    assert (status["heartbeat"]["owner"], status["heartbeat"]["by"]) == ("sidecar", "task-pod")
+    assert status["jobName"] == "job-1"  # only what was missing is added
+    assert "acknowledgedAt" in status
 
 
 def test_missing_pipelinetask(kube: KubeClient, namespace: str) -> None:
