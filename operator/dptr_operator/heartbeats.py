@@ -10,14 +10,14 @@ submitted to a bounded pool only when a token of the runner's pacing budget is f
 Items are spread: a new task's first heartbeat is at a random point of its interval,
 and the token bucket turns any backlog (after a restart) into an even stream at the
 budget rate instead of a burst.  A due task that finds no token waits in its runner's
-FIFO queue (oldest first), and one wake-up per runner drains it as tokens free up: a
-backlog costs O(1) per token rather than re-scheduling every waiting task on each one,
-and no task waits behind tasks that became due after it.
+queue, ordered by deadline (last heartbeat + reportProgressTimeout), and one wake-up per
+runner drains it as tokens free up: a backlog costs O(log n) per token rather than
+re-scheduling every waiting task on each one, and the task closest to being given away
+is always served first.
 """
 
 from __future__ import annotations
 
-import collections
 import heapq
 import itertools
 import logging
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from dptr_common import ledger
 from dptr_common.datapipeline import CredentialsError, DataPipelineError, TaskGone
 from dptr_common.kube import ApiError, NotFound
-from dptr_common.pacing import full_jitter_delay, jittered
+from dptr_common.pacing import DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS, full_jitter_delay, jittered
 from dptr_operator.events import pipeline_task_ref
 from dptr_operator.index import TaskEntry, TaskKey
 
@@ -84,13 +84,15 @@ class HeartbeatScheduler:
         self._heap: list[tuple[float, int, TaskKey | _Drain]] = []
         self._scheduled: dict[TaskKey, float] = {}
         self._seq = itertools.count()
+        self._head_seq = itertools.count(-1, -1)
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(op.config.heartbeat_workers, thread_name_prefix="heartbeat")
         self._buckets: dict[TaskKey, TokenBucket] = {}
         self._failures: dict[TaskKey, int] = {}
-        #: Per runner: due tasks waiting for a token, oldest first (scheduler thread only).
-        self._waiting: dict[TaskKey, collections.deque[TaskKey]] = {}
+        #: Per runner: due tasks waiting for a token, as a heap of (deadline, seq, key):
+        #: the task closest to its reportProgressTimeout first (scheduler thread only).
+        self._waiting: dict[TaskKey, list[tuple[float, int, TaskKey]]] = {}
         self._waiting_keys: set[TaskKey] = set()
         self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
 
@@ -167,10 +169,10 @@ class HeartbeatScheduler:
                 self.schedule(key, 5.0)
 
     def _drain(self, runner_key: TaskKey, now: float) -> None:
-        """Give free tokens to the runner's waiting tasks, oldest first."""
+        """Give free tokens to the runner's waiting tasks, earliest deadline first."""
         queue = self._waiting.get(runner_key)
         while queue:
-            key = queue.popleft()
+            _, _, key = heapq.heappop(queue)
             self._waiting_keys.discard(key)
             try:
                 if not self._check(key, now, waited=True):
@@ -180,16 +182,29 @@ class HeartbeatScheduler:
                 self.schedule(key, 5.0)
         self._waiting.pop(runner_key, None)
 
-    def _wait_for_token(self, key: TaskKey, runner_key: TaskKey, wait: float, *, head: bool) -> None:
+    def _deadline(self, entry: TaskEntry) -> float:
+        """When Data Pipeline would give the task away (epoch seconds, real time); 0 for a
+        task not yet heartbeated, whose 2-minute ack window is the tightest of all.
+
+        Why deadlines and not due times: due times come from intervals planned at
+        different moments (a task scheduled when 1,000 ran got 125 s, one scheduled when
+        5,000 ran got 300 s), so serving by due time can make a task wait while its
+        timeout runs out behind tasks that still have minutes to spare."""
+        if entry.heartbeat_last_at is None or not entry.acknowledged:
+            return 0.0
+        timeout = float(entry.report_progress_timeout or DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS)
+        return entry.heartbeat_last_at.timestamp() + self.op.config.scaled(timeout)
+
+    def _wait_for_token(self, entry: TaskEntry, wait: float, *, head: bool) -> None:
+        runner_key = entry.runner_key
         queue = self._waiting.get(runner_key)
         if queue is None:
-            queue = self._waiting[runner_key] = collections.deque()
+            queue = self._waiting[runner_key] = []
         first = not queue
-        if head:
-            queue.appendleft(key)
-        else:
-            queue.append(key)
-        self._waiting_keys.add(key)
+        # Back at the head (of its deadline's ties) when it was already first in line.
+        seq = next(self._head_seq) if head else next(self._seq)
+        heapq.heappush(queue, (self._deadline(entry), seq, entry.key))
+        self._waiting_keys.add(entry.key)
         if first or head:
             with self._cv:
                 heapq.heappush(self._heap, (time.monotonic() + wait, next(self._seq), _Drain(runner_key)))
@@ -211,12 +226,12 @@ class HeartbeatScheduler:
                 self.schedule(key, stale - age + 0.01)
                 return True
         if not waited and self._waiting.get(entry.runner_key):
-            self._wait_for_token(key, entry.runner_key, 0.0, head=False)  # behind older ones
+            self._wait_for_token(entry, 0.0, head=False)  # in deadline order with the others
             return False
         bucket = self._bucket(entry)
         wait = bucket.take(now)
         if wait > 0:
-            self._wait_for_token(key, entry.runner_key, wait, head=waited)
+            self._wait_for_token(entry, wait, head=waited)
             return False
         if entry.heartbeat_last_at is not None and entry.acknowledged:
             late = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds() - interval
