@@ -78,7 +78,7 @@ def test_invalid_tasks_fail_with_error_id_and_no_job(
     datapipeline.assert_clean()
 
 
-@pytest.mark.parametrize("failure", ["Evicted", "OOMKilled"])
+@pytest.mark.parametrize("failure", ["Evicted", "OOMKilled", "NodeLost"])
 def test_pod_failure_is_reported_once_by_the_operator(
     cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess, failure: str
 ) -> None:
@@ -88,6 +88,13 @@ def test_pod_failure_is_reported_once_by_the_operator(
     name = pod["metadata"]["name"]
     if failure == "Evicted":
         status = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+    elif failure == "NodeLost":
+        # What the node lifecycle controller leaves of a pod on a node that stopped answering.
+        status = {
+            "phase": "Failed",
+            "reason": "NodeLost",
+            "message": "Node node-1 which was running pod is unresponsive",
+        }
     else:
         status = {
             "phase": "Failed",
@@ -143,6 +150,40 @@ def test_unschedulable_past_grace_fails_and_removes_the_job(
     wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")
     assert (record.outcome, record.error_id) == ("FAILED", "dptr.Unschedulable")
     wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    datapipeline.assert_clean()
+
+
+def test_image_pull_failure_past_grace_fails_and_removes_the_job(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator_factory
+) -> None:
+    operator_factory("--image-pull-grace-seconds", "200", "--unschedulable-grace-seconds", "100000").start()
+    cluster.create_runner(datapipeline, "wg-pull")
+    datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-pull")
+    pod = wait_for(cluster.pods, what="the task pod")[0]
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.invalid/task:1"'}
+    cluster.patch_pod_status(
+        pod["metadata"]["name"],
+        {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "task",
+                    "image": "registry.invalid/task:1",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": waiting},
+                }
+            ],
+        },
+    )
+    record = next(iter(datapipeline.ledger.attempts.values()))
+    wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")  # 2 s grace at 0.01
+    assert (record.outcome, record.error_id) == ("FAILED", "dptr.ImagePullFailed")
+    assert "ImagePullBackOff" in (record.error_message or "")
+    wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    time.sleep(1.5)  # the pod's deletion must not produce a second report
+    assert len(datapipeline.ledger.calls_to("SetTaskStatus")) == 1
     datapipeline.assert_clean()
 
 
