@@ -248,21 +248,8 @@ class JobWatch:
 
 
 def operator_metrics(op: OperatorProcess) -> dict[str, float]:
-    """The operator's /metrics samples (name{labels} -> value); its port is in its log."""
-    import re
-    import urllib.request
-
-    match = re.search(r"http port (\d+)", op.log_path.read_text(errors="replace"))
-    if match is None:
-        return {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    samples = {}
-    for raw in text.splitlines():
-        if raw and not raw.startswith("#"):
-            key, _, value = raw.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    """The operator's /metrics samples (name{labels} -> value)."""
+    return op.metrics()
 
 
 def call_breakdown(samples: dict[str, float]) -> str:

@@ -89,6 +89,11 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("dptr_leader", "1 while this replica holds the leader Lease.", registry=r)
+        self.status_writes_pending = Gauge(
+            "dptr_status_writes_pending",
+            "PipelineTasks with a heartbeat record queued for the API server (grows when it lags).",
+            registry=r,
+        )
 
     @contextmanager
     def timed(self, operation: str) -> Iterator[None]:

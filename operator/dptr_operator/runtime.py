@@ -63,6 +63,7 @@ class Operator:
         self.scheduler = HeartbeatScheduler(self)
         self.status_writer = StatusWriter(kube, self.index)
         self.status_writer.on_gone = self.index.remove
+        self.metrics.status_writes_pending.set_function(lambda: len(self.status_writer))
         self.workers: dict[TaskKey, RunnerWorker] = {}
         self._workers_lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max(8, config.heartbeat_workers // 2), thread_name_prefix="work")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,21 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def metrics(self) -> dict[str, float]:
+        """The samples of its /metrics (``name{labels}`` -> value); {} before it serves.
+        Its HTTP port (``--http-port 0``: any free one) is read from its log."""
+        match = re.search(r"http port (\d+)", self.log_path.read_text(errors="replace"))
+        if match is None:
+            return {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        samples = {}
+        for raw in text.splitlines():
+            if raw and not raw.startswith("#"):
+                key, _, value = raw.rpartition(" ")
+                samples[key] = float(value)
+        return samples
 
     def kill(self) -> None:
         if self.alive():

@@ -50,3 +50,31 @@ def test_task_becomes_pipelinetask_acked_job_and_is_heartbeated_then_canceled(
     wait_for(lambda: not cluster.jobs(), what="the Job deleted")
     assert not datapipeline.ledger.calls_to("SetTaskStatus")
     datapipeline.assert_clean()
+
+
+def test_metrics_follow_the_dispatch(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    cluster.create_runner(datapipeline, "wg-metrics")
+    datapipeline.run_pipeline(
+        {"Echo": {"type": "ShellCommandActivity", "command": "true"}}, worker_group="wg-metrics"
+    )
+    wait_for(cluster.jobs, what="a Job")
+    runner = f'runner="{cluster.namespace}/runner"'
+    samples = wait_for(
+        lambda: (m := operator.metrics()).get(f"dptr_tasks_polled_total{{{runner}}}") == 1 and m,
+        what="the polled task counted",
+    )
+    assert samples["dptr_leader"] == 1
+    assert samples['dptr_api_call_duration_seconds_count{operation="CreateJob"}'] >= 1
+    assert samples["dptr_dispatch_duration_seconds_count"] == 1
+    assert samples["dptr_status_writes_pending"] >= 0
+    # The sweep publishes the gauges (every 0.1 s at this time scale).
+    active = wait_for(
+        lambda: operator.metrics().get(f"dptr_tasks_active{{{runner}}}") == 1, what="dptr_tasks_active 1"
+    )
+    assert active
+    wait_for(
+        lambda: operator.metrics().get('dptr_operator_heartbeats_total{result="ok"}', 0) >= 1,
+        what="an operator heartbeat counted",
+    )
