@@ -30,11 +30,12 @@ class NoEssenceStorage(kopf.DiffBaseStorage):
     On every watch event kopf builds the object's "essence" to diff it with the last
     handled state: a deep copy of the whole body, and then another copy of that.  Only
     change-detecting handlers (on.create/update/resume/delete, daemons, timers) use it.
-    dptr registers on.event handlers only, so the copies were pure cost.  In a dispatch
-    burst they were the operator's largest CPU cost: 7.2 of 29.6 profiled seconds on
-    kopf's event loop, about 2.3 ms per pod or Job event.  That CPU is taken from the
-    API server sharing the node.  tests/unit/test_kopf_wiring.py checks that the registry
-    stays on.event-only, as this storage requires.
+    dptr registers on.event handlers only, so the copies were pure cost: the largest
+    item in a profile of kopf's event loop during a dispatch burst (7.2 of 29.6 profiled
+    seconds, 3,175 watch events), and about 1.5 s of CPU per 1,000 dispatched tasks
+    without the profiler (bench/RESULTS.md), CPU the API server on the same node can use.
+    tests/unit/test_kopf_wiring.py checks that the registry stays on.event-only, as this
+    storage requires.
     """
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
