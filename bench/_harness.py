@@ -37,6 +37,7 @@ from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for  # noqa:
 
 from dptr_common import naming  # noqa: E402
 from dptr_common.kube import KubeConfig  # noqa: E402
+from dptr_datapipeline import DEFAULT_QUOTAS  # noqa: E402
 from dptr_testbed.controlplane import RunningTestbed, Testbed  # noqa: E402
 
 __all__ = [
@@ -120,6 +121,27 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="attach to a running `dptr-testbed up --no-kubelet --state-dir DIR` instead of starting one",
     )
     parser.add_argument("--keep", action="store_true", help="keep the namespaces (and logs) afterwards")
+
+
+def add_heartbeat_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--heartbeat-workers",
+        type=int,
+        help="the operator's --heartbeat-workers (default: its own, 16); each holds one "
+        "ReportTaskProgress call at a time, so at time scale S the same call latency needs "
+        "1/S times the workers",
+    )
+
+
+def heartbeat_workers_flags(args: argparse.Namespace) -> list[str]:
+    """The operator flags for ``add_heartbeat_workers_arg``'s option, if given."""
+    return ["--heartbeat-workers", str(args.heartbeat_workers)] if args.heartbeat_workers else []
+
+
+#: The service's quotas for the heartbeat benchmarks: Data Pipeline's own, except
+#: PollForTask's 2/s, which would make setting up thousands of tasks take most of an hour
+#: (it limits dispatch, which is not what these measure).
+HEARTBEAT_BENCH_QUOTAS = {op: rate for op, rate in DEFAULT_QUOTAS.items() if op != "PollForTask"}
 
 
 @contextlib.contextmanager
@@ -245,11 +267,6 @@ class JobWatch:
             if key:
                 with self._lock:
                     self.arrivals.setdefault(key, arrived)
-
-
-def operator_metrics(op: OperatorProcess) -> dict[str, float]:
-    """The operator's /metrics samples (name{labels} -> value)."""
-    return op.metrics()
 
 
 def call_breakdown(samples: dict[str, float]) -> str:

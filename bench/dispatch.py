@@ -39,7 +39,6 @@ from _harness import (
     load,
     machine,
     new_namespace,
-    operator_metrics,
     percentile,
     start_operator,
     wait_for,
@@ -94,7 +93,7 @@ class Scenario:
         cpu = self.operator_cpu() - cpu_before
         return (
             f"  operator CPU {cpu:.1f}s over {seconds:.1f}s ({100 * cpu / seconds:.0f}% of a core); "
-            + call_breakdown(operator_metrics(self.operator))
+            + call_breakdown(self.operator.metrics())
         )
 
     def close(self, keep: bool) -> None:

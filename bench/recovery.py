@@ -31,9 +31,12 @@ import time
 from pathlib import Path
 
 from _harness import (
+    HEARTBEAT_BENCH_QUOTAS,
     Cluster,
     add_common_args,
+    add_heartbeat_workers_arg,
     control_plane,
+    heartbeat_workers_flags,
     kubectl_quiet,
     load,
     machine,
@@ -43,12 +46,10 @@ from _harness import (
     wait_for,
 )
 
-from dptr_datapipeline import LocalDataPipeline
+from dptr_datapipeline import QUOTA_BURST, LocalDataPipeline
 
 BAR_SECONDS = 30.0
 PROGRESS_TIMEOUT = 900.0
-QUOTAS = {"ReportTaskProgress": 10.0, "SetTaskStatus": 10.0, "ReportTaskRunnerHeartbeat": 1.0}
-RTP_BURST = 100  # the quota's burst
 
 
 def beats_by_task(svc: LocalDataPipeline) -> dict[str, list[float]]:
@@ -64,22 +65,16 @@ def main() -> int:
     add_common_args(parser)
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--time-scale", type=float, default=0.2)
-    parser.add_argument(
-        "--heartbeat-workers",
-        type=int,
-        help="the operator's --heartbeat-workers (default: its own, 16); each heartbeat is a "
-        "ReportTaskProgress and a PipelineTask status write, so at time scale S the same API "
-        "latency needs 1/S times the workers",
-    )
+    add_heartbeat_workers_arg(parser)
     args = parser.parse_args()
-    more = ["--heartbeat-workers", str(args.heartbeat_workers)] if args.heartbeat_workers else []
+    more = heartbeat_workers_flags(args)
     s, n = args.time_scale, args.tasks
     log_dir = Path(tempfile.mkdtemp(prefix="dptr-bench-recovery-"))
     print(f"machine: {machine()}", flush=True)
     print(f"operator logs: {log_dir}", flush=True)
     with control_plane(args.testbed_dir) as bed:
         namespace = new_namespace(bed, "bench-recovery")
-        svc = LocalDataPipeline(time_scale=s, quotas=QUOTAS, record_requests=False).start()
+        svc = LocalDataPipeline(time_scale=s, quotas=HEARTBEAT_BENCH_QUOTAS, record_requests=False).start()
         worker_group = f"wg-{namespace}"
         cluster = Cluster(bed, namespace)
         cluster.create_runner(svc, worker_group, maxConcurrentTasks=n, pollers=16)
@@ -155,7 +150,7 @@ def main() -> int:
             # Within the quota one round of n heartbeats takes at least (n - burst) / rate,
             # kill or no kill; so the literal bar is printed, and beside it what a kill can
             # change: how late each task's next heartbeat comes against its schedule.
-            floor = max(n - RTP_BURST, 0) / QUOTAS["ReportTaskProgress"]
+            floor = max(n - QUOTA_BURST, 0) / HEARTBEAT_BENCH_QUOTAS["ReportTaskProgress"]
             late_ok = max(lateness) / s < BAR_SECONDS
             print(
                 f"  bars: every task heartbeated again within {BAR_SECONDS:g}s: "

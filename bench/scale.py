@@ -34,10 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
+    HEARTBEAT_BENCH_QUOTAS,
     Cluster,
     add_common_args,
+    add_heartbeat_workers_arg,
     control_plane,
     cpu_seconds,
+    heartbeat_workers_flags,
     kubectl_quiet,
     load,
     machine,
@@ -52,9 +55,8 @@ from dptr_common.pacing import heartbeat_interval
 from dptr_datapipeline import LocalDataPipeline
 
 MEMORY_BAR_MB = 300.0
-RTP_QUOTA = 10.0  # ReportTaskProgress calls/s (protocol)
+RTP_QUOTA = HEARTBEAT_BENCH_QUOTAS["ReportTaskProgress"]  # calls/s (protocol)
 PROGRESS_TIMEOUT = 900.0  # the service's default reportProgressTimeout, protocol seconds
-QUOTAS = {"ReportTaskProgress": 10.0, "SetTaskStatus": 10.0, "ReportTaskRunnerHeartbeat": 1.0}
 
 
 def queue_tasks(svc: LocalDataPipeline, worker_group: str, first: int, count: int) -> None:
@@ -166,15 +168,9 @@ def main() -> int:
         default=1200.0,
         help="measurement window per size in protocol seconds (default 1200: longer than the 900 s timeout)",
     )
-    parser.add_argument(
-        "--heartbeat-workers",
-        type=int,
-        help="the operator's --heartbeat-workers (default: its own, 16); each heartbeat is a "
-        "ReportTaskProgress and a PipelineTask status write, so at time scale S the same API "
-        "latency needs 1/S times the workers",
-    )
+    add_heartbeat_workers_arg(parser)
     args = parser.parse_args()
-    more = ["--heartbeat-workers", str(args.heartbeat_workers)] if args.heartbeat_workers else []
+    more = heartbeat_workers_flags(args)
     scale = args.time_scale
     sizes = [int(x) for x in args.sizes.split(",")]
     log_dir = Path(tempfile.mkdtemp(prefix="dptr-bench-scale-"))
@@ -183,7 +179,9 @@ def main() -> int:
     ok = True
     with control_plane(args.testbed_dir) as bed:
         namespace = new_namespace(bed, "bench-scale")
-        svc = LocalDataPipeline(time_scale=scale, quotas=QUOTAS, record_requests=False).start()
+        svc = LocalDataPipeline(
+            time_scale=scale, quotas=HEARTBEAT_BENCH_QUOTAS, record_requests=False
+        ).start()
         worker_group = f"wg-{namespace}"
         Cluster(bed, namespace).create_runner(svc, worker_group, maxConcurrentTasks=max(sizes), pollers=16)
         op = start_operator(bed, namespace, log_dir, scale, "--identity", "bench-scale", *more)
