@@ -39,6 +39,7 @@ from dptr_common import naming  # noqa: E402
 from dptr_common.kube import KubeConfig  # noqa: E402
 from dptr_datapipeline import DEFAULT_QUOTAS  # noqa: E402
 from dptr_testbed.controlplane import RunningTestbed, Testbed  # noqa: E402
+from dptr_testbed.installs import install_crds  # noqa: E402
 
 __all__ = [
     "QUIET_GRACES",
@@ -58,8 +59,6 @@ __all__ = [
     "start_operator",
     "wait_for",
 ]
-
-CRD_DIR = REPO / "charts" / "dptr" / "crds"
 
 
 # ---------------------------------------------------------------- the machine
@@ -156,14 +155,7 @@ def control_plane(testbed_dir: Path | None) -> Iterator[Any]:
         print(f"starting a control plane in {state} ...", flush=True)
         owned.start()
     try:
-        bed.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-        bed.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/taskrunners.dptr.dev",
-            "crd/pipelinetasks.dptr.dev",
-        )
+        install_crds(bed)
         yield bed
     finally:
         if owned is not None:

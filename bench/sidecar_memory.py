@@ -63,6 +63,7 @@ def main() -> int:
     from dptr_common.kube import pod_path
     from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
     from dptr_testbed.controlplane import Testbed
+    from dptr_testbed.installs import install_crds
     from tests.sidecar import conftest as harness_mod
 
     harness_mod.TIME_SCALE = args.time_scale
@@ -72,13 +73,7 @@ def main() -> int:
         svc = LocalDataPipeline(time_scale=args.time_scale).start()
         proc: subprocess.Popen[bytes] | None = None
         try:
-            bed.kubectl("apply", "--server-side", "-f", str(REPO / "charts" / "dptr" / "crds"))
-            bed.kubectl(
-                "wait",
-                "--for=condition=Established",
-                "crd/taskrunners.dptr.dev",
-                "crd/pipelinetasks.dptr.dev",
-            )
+            install_crds(bed)
             bed.kubectl("create", "namespace", "bench")
             h = harness_mod.SidecarHarness(bed, "bench", svc)  # type: ignore[arg-type]
             task = h.start("sleep 3600")

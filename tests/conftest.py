@@ -22,6 +22,7 @@ import pytest
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.installs import install_crds
 
 
 def _shared_root(factory: pytest.TempPathFactory, config: pytest.Config) -> Path:
@@ -107,21 +108,10 @@ def namespace(testbed: RunningTestbed, request: pytest.FixtureRequest) -> Iterat
     testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-REPO = Path(__file__).resolve().parent.parent
-CRD_DIR = REPO / "charts" / "dptr" / "crds"
-
-
 @pytest.fixture(scope="session")
 def crds(testbed: RunningTestbed) -> RunningTestbed:
     """The dptr CRDs installed (idempotently: every xdist worker may apply them)."""
-    testbed.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-    testbed.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/taskrunners.dptr.dev",
-        "crd/pipelinetasks.dptr.dev",
-    )
+    install_crds(testbed)
     return testbed
 
 

@@ -28,7 +28,6 @@ from . import installs
 
 NAMESPACE = "dptr-demo"
 WORKER_GROUP = "dptr-demo"
-CRD_DIR = installs.CRD_DIR
 
 #: Ten times faster than real time: the 2-minute ack window is 12 s and the
 #: default 15-minute reportProgressTimeout is 90 s, so the demo is quick but
@@ -114,14 +113,7 @@ def _apply(bed: Any, obj: dict[str, Any]) -> None:
 def _install(bed: Any, service: Any) -> None:
     from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY
 
-    bed.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
-    bed.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/taskrunners.dptr.dev",
-        "crd/pipelinetasks.dptr.dev",
-    )
+    installs.install_crds(bed)
     bed.kubectl("create", "namespace", NAMESPACE)
     bed.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     # The sidecar's RBAC, from the chart's single source of its rules.

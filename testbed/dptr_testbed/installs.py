@@ -1,19 +1,37 @@
-"""What the chart installs for the sidecar, for installs without Helm on the bed.
+"""What the chart installs, for installs without Helm on the bed.
 
-The demo and the tests put the sidecar's ServiceAccount, Role and RoleBinding
-into a task namespace themselves; they all take them from here, and the rules
-from the chart's single source (charts/dptr/files/sidecar-role.yaml).
+The demo, the tests and the benchmarks install dptr's CRDs and put the sidecar's
+ServiceAccount, Role and RoleBinding into a task namespace themselves; they all take
+them from here: the CRDs from charts/dptr/crds, the rules from the chart's single source
+(charts/dptr/files/sidecar-role.yaml).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "charts" / "dptr" / "crds"
 SIDECAR_RULES = REPO / "charts" / "dptr" / "files" / "sidecar-role.yaml"
 SIDECAR_ACCOUNT = "dptr-sidecar"
+
+
+class _Kubectl(Protocol):
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str: ...
+
+
+def install_crds(bed: _Kubectl) -> None:
+    """Apply dptr's CRDs and wait until the API server serves them.  Idempotent (every
+    xdist worker may call it): server-side apply, taking over fields if need be."""
+    bed.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    bed.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/taskrunners.dptr.dev",
+        "crd/pipelinetasks.dptr.dev",
+    )
 
 
 def sidecar_rules() -> list[dict[str, Any]]:
