@@ -43,6 +43,15 @@ from typing import Any
 from dptr_common import naming
 from dptr_common.errors import TaskError
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, TaskRunner
+from dptr_common.podspec import (
+    FETCH_CONTAINER,
+    SIDECAR_CONTAINER,
+    TASK_CONTAINER,
+    command,
+    set_env,
+)
+from dptr_common.podspec import env as _env
+from dptr_common.render_staging import render_staging
 from dptr_common.task import SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
 
 __all__ = [
@@ -63,9 +72,6 @@ __all__ = [
 
 SUPPORTED_TYPES = frozenset({SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION})
 
-TASK_CONTAINER = "task"
-SIDECAR_CONTAINER = "dptr-sidecar"
-FETCH_CONTAINER = "dptr-fetch-script"
 SCRIPT_VOLUME = "dptr-script"
 SCRIPT_DIR = "/dptr/script"
 SCRIPT_PATH = f"{SCRIPT_DIR}/script"
@@ -105,10 +111,6 @@ def _pod_security() -> dict[str, Any]:
         "fsGroup": RUN_AS_USER,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-
-
-def _env(name: str, value: str) -> dict[str, Any]:
-    return {"name": name, "value": value}
 
 
 def _field_env(name: str, field_path: str) -> dict[str, Any]:
@@ -210,10 +212,10 @@ def _task_env(task: Task, runner: TaskRunner) -> list[dict[str, Any]]:
             ours.append(_env(name, "\n".join(values)))
     ours.append(_env("DPTR_FIELDS_JSON", json.dumps(custom, separators=(",", ":"), ensure_ascii=False)))
     if runner.spec.pass_data_pipeline_credentials:
-        ours += _credential_env(runner)
         ours.append(_env("DPTR_REGION", runner.spec.region))
         if runner.spec.endpoint_url:
             ours.append(_env("DPTR_ENDPOINT_URL", runner.spec.endpoint_url))
+        ours += _credential_env(runner)  # last: see podspec.set_env
     # The template's env comes first (it may be referenced as $(VAR)), minus names we set.
     taken = {e["name"] for e in ours}
     return [e for e in runner.spec.job_template.env if e.get("name") not in taken] + ours
@@ -241,7 +243,7 @@ def _sidecar(task: Task, runner: TaskRunner, image: str, pipeline_task: str) -> 
     return {
         "name": SIDECAR_CONTAINER,
         "image": image,
-        "command": ["dptr-sidecar"],
+        "command": command(["dptr-sidecar"]),
         "restartPolicy": "Always",
         "env": env,
         "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
@@ -267,20 +269,13 @@ def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
     return {
         "name": FETCH_CONTAINER,
         "image": image,
-        "command": ["dptr-sidecar", "fetch-script"],
+        "command": command(["dptr-sidecar", "fetch-script"]),
         "env": env,
         "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
         "securityContext": _restricted_container_security(read_only_root=True),
         "volumeMounts": [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-
-
-def _override_env(container: dict[str, Any], extra: dict[str, str]) -> None:
-    names = set(extra)
-    container["env"] = [e for e in container["env"] if e["name"] not in names] + [
-        _env(name, value) for name, value in extra.items()
-    ]
 
 
 def _token_volume() -> dict[str, Any]:
@@ -323,14 +318,13 @@ def render_job(
     :func:`render_base_job` (the sidecar, the script fetcher, the task) plus what Task
     Runner parity adds (:func:`dptr_common.render_staging.render_staging`: the
     ``dptr-stage-in`` init container, the staging and log volumes, the log-capture
-    wrapper).  ``sidecar_env`` reaches every init container of dptr's, the stage-in
-    container included.  Raises :class:`TaskError` (``dptr.UnknownActivityType``,
-    ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``, ``dptr.StagingFailed.*``) for a
-    task that cannot run; nothing must be created then.
+    wrapper).  Every command and env value is escaped for kubelet's ``$(VAR)``
+    expansion as it is built (:mod:`dptr_common.podspec`), so each process sees exactly
+    what was meant.  ``sidecar_env`` reaches every init
+    container of dptr's, the stage-in container included.  Raises :class:`TaskError`
+    (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``,
+    ``dptr.StagingFailed.*``) for a task that cannot run; nothing must be created then.
     """
-    # Imported here: render_staging builds on this module's names.
-    from dptr_common.render_staging import render_staging
-
     job = render_base_job(
         task,
         runner,
@@ -342,7 +336,7 @@ def render_job(
     job = render_staging(job, task, runner)
     pod = job["spec"]["template"]["spec"]
     for container in pod["initContainers"]:
-        _override_env(container, sidecar_env or {})
+        set_env(container, [_env(name, value) for name, value in (sidecar_env or {}).items()])
     return job
 
 
@@ -402,7 +396,7 @@ def render_base_job(
     task_container: dict[str, Any] = {
         "name": TASK_CONTAINER,
         "image": image,
-        "command": argv,
+        "command": command(argv),
         "env": _task_env(task, runner),
         "securityContext": {
             **_restricted_container_security(read_only_root=False),

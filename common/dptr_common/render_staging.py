@@ -29,7 +29,15 @@ import copy
 from typing import Any
 
 from dptr_common.models import TaskRunner
-from dptr_common.render import SIDECAR_CONTAINER, TASK_CONTAINER
+from dptr_common.podspec import (
+    CREDENTIAL_VARS,
+    SIDECAR_CONTAINER,
+    STAGE_IN_CONTAINER,
+    TASK_CONTAINER,
+    command,
+    set_env,
+)
+from dptr_common.podspec import env as _env
 from dptr_common.staging_plan import STAGING_ROOT, StagingPlan, plan_staging, substitute_staging_references
 from dptr_common.task import Task
 
@@ -43,12 +51,10 @@ __all__ = [
     "render_staging",
 ]
 
-STAGE_IN_CONTAINER = "dptr-stage-in"
 STAGING_VOLUME = "dptr-staging"
 LOG_VOLUME = "dptr-logs"
 LOG_DIR = "/dptr/logs"
 _WRAPPER_NAME = "dptr-capture"
-_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 
 #: Runs "$@" with stdout and stderr tee'd into $DPTR_LOG_DIR; POSIX sh, tee and mkfifo
 #: only.  Without tee or mkfifo it runs the command uncaptured and leaves .nocapture.
@@ -73,15 +79,6 @@ while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
 if [ -n "$out" ]; then wait "$out" "$err"; fi
 exit "$rc"
 """
-
-
-def _env(name: str, value: str) -> dict[str, Any]:
-    return {"name": name, "value": value}
-
-
-def _set_env(container: dict[str, Any], entries: list[dict[str, Any]]) -> None:
-    names = {e["name"] for e in entries}
-    container["env"] = [e for e in container.get("env", []) if e.get("name") not in names] + entries
 
 
 def _mount(container: dict[str, Any], volume: str, path: str, *, read_only: bool) -> None:
@@ -110,7 +107,7 @@ def _logs_wanted(task: Task) -> bool:
 def _stage_in_container(
     plan: StagingPlan, runner: TaskRunner, sidecar: dict[str, Any], s3_env: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    credentials = [e for e in sidecar.get("env", []) if e.get("name") in _CREDENTIAL_VARS]
+    credentials = [e for e in sidecar.get("env", []) if e.get("name") in CREDENTIAL_VARS]
     env = [
         _env("DPTR_STAGING_PLAN", plan.to_json()),
         _env("DPTR_STAGING_ROOT", STAGING_ROOT),
@@ -124,7 +121,7 @@ def _stage_in_container(
     return {
         "name": STAGE_IN_CONTAINER,
         "image": sidecar["image"],
-        "command": ["dptr-sidecar", "stage-in"],
+        "command": command(["dptr-sidecar", "stage-in"]),
         "env": env,
         "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
         "securityContext": copy.deepcopy(sidecar.get("securityContext", {})),
@@ -158,23 +155,26 @@ def render_staging(job: dict[str, Any], task: Task, runner: TaskRunner) -> dict[
         volumes.append({"name": STAGING_VOLUME, "emptyDir": {}})
         inits.append(_stage_in_container(plan, runner, sidecar, s3_env))
         staging_env = plan.env()
-        _set_env(main, [_env(k, v) for k, v in staging_env.items()])
+        set_env(main, [_env(k, v) for k, v in staging_env.items()])
         _mount(main, STAGING_VOLUME, STAGING_ROOT, read_only=False)
         count = len(task.script_arguments)
         if count:
+            # The arguments are rebuilt from the task, not edited in the escaped command.
             argv = list(main["command"])
-            argv[-count:] = [substitute_staging_references(a, staging_env) for a in argv[-count:]]
+            argv[-count:] = command(
+                substitute_staging_references(a, staging_env) for a in task.script_arguments
+            )
             main["command"] = argv
         _mount(sidecar, STAGING_VOLUME, STAGING_ROOT, read_only=True)
         sidecar_env += [_env("DPTR_STAGING_PLAN", plan.to_json()), _env("DPTR_STAGING_ROOT", STAGING_ROOT)]
 
     if wants_logs:
         volumes.append({"name": LOG_VOLUME, "emptyDir": {}})
-        main["command"] = ["/bin/sh", "-c", TEE_WRAPPER, _WRAPPER_NAME, *main["command"]]
-        _set_env(main, [_env("DPTR_LOG_DIR", LOG_DIR)])
+        main["command"] = [*command(["/bin/sh", "-c", TEE_WRAPPER, _WRAPPER_NAME]), *main["command"]]
+        set_env(main, [_env("DPTR_LOG_DIR", LOG_DIR)])
         _mount(main, LOG_VOLUME, LOG_DIR, read_only=False)
         _mount(sidecar, LOG_VOLUME, LOG_DIR, read_only=True)
         sidecar_env += [_env("DPTR_LOG_DIR", LOG_DIR)] + [_env(k, v) for k, v in log_env(task).items()]
 
-    _set_env(sidecar, sidecar_env)
+    set_env(sidecar, sidecar_env)
     return job

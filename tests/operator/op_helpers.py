@@ -168,6 +168,7 @@ class Cluster:
         worker_group: str,
         name: str = "runner",
         secret_key_id: str = DEFAULT_ACCESS_KEY_ID,
+        secret_access_key: str = DEFAULT_SECRET_ACCESS_KEY,
         **spec: Any,
     ) -> dict[str, Any]:
         self.apply(
@@ -177,7 +178,7 @@ class Cluster:
                 "metadata": {"name": "dp-credentials"},
                 "stringData": {
                     "AWS_ACCESS_KEY_ID": secret_key_id,
-                    "AWS_SECRET_ACCESS_KEY": DEFAULT_SECRET_ACCESS_KEY,
+                    "AWS_SECRET_ACCESS_KEY": secret_access_key,
                 },
             }
         )

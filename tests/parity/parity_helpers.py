@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dptr_testbed.kubelet.spec import expand
+
 
 def read_object(s3_raw: Any, bucket: str, key: str) -> bytes:
     body: bytes = s3_raw.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -61,8 +63,8 @@ def _container_env(
 ) -> dict[str, str]:
     env = dict(base)
     for entry in container.get("env", []):
-        if "value" in entry:
-            env[entry["name"]] = _remap(entry["value"], mounts)
+        if "value" in entry:  # kubelet's $(VAR) expansion first, as on a node
+            env[entry["name"]] = _remap(expand(entry["value"], env), mounts)
         elif "secretKeyRef" in entry.get("valueFrom", {}):
             env[entry["name"]] = secrets[entry["valueFrom"]["secretKeyRef"]["key"]]
     return env
@@ -96,7 +98,7 @@ def run_pod_locally(
             continue
         termination = root / f"{container['name']}.termination-log"
         env["DPTR_TERMINATION_LOG"] = str(termination)
-        code = _OUR_COMMANDS[tuple(container["command"])]
+        code = _OUR_COMMANDS[tuple(expand(a, env) for a in container["command"])]
         proc = subprocess.run(
             [sys.executable, "-c", f"import sys; {code}; sys.exit(m())"], env=env, check=False
         )
@@ -108,7 +110,7 @@ def run_pod_locally(
     main = pod["containers"][0]
     mounts = mounts_of(main)
     env = _container_env(main, base_env, secrets, mounts)
-    argv = [_remap(a, mounts) for a in main["command"]]
+    argv = [_remap(expand(a, env), mounts) for a in main["command"]]
     proc = subprocess.run(argv, env=env, capture_output=True, check=False, cwd=root)
     result.task_exit, result.task_stdout, result.task_stderr = proc.returncode, proc.stdout, proc.stderr
     return result

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from kubelet_view import seen
 
 from dptr_common.errors import TaskError
 from dptr_common.models import TaskRunner
@@ -133,8 +134,9 @@ def test_sidecar_env_reaches_every_init_container_of_ours_but_not_the_task() -> 
 
 
 def _containers(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each container as its process sees it, after kubelet's $(VAR) expansion."""
     pod = job["spec"]["template"]["spec"]
-    return {c["name"]: c for c in pod["initContainers"] + pod["containers"]}
+    return {c["name"]: seen(c) for c in pod["initContainers"] + pod["containers"]}
 
 
 def _env(container: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +175,7 @@ def test_staging_adds_an_init_container_after_the_sidecar_and_the_script_fetcher
         FETCH_CONTAINER,
         STAGE_IN_CONTAINER,
     ]
-    stage_in = pod["initContainers"][2]
+    stage_in = seen(pod["initContainers"][2])
     assert stage_in["command"] == ["dptr-sidecar", "stage-in"]
     assert stage_in["image"] == "ghcr.io/dptr/sidecar:1"
     env = _env(stage_in)

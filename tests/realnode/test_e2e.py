@@ -8,20 +8,28 @@ node's address, with static keys from a Secret. A pipeline with a succeeding, a
 failing and a cancelled activity then runs as real Jobs whose pods hold the real
 sidecar image (projected token) beside the task container, and the service's
 ledger must show exactly one right outcome for each, reported by the sidecar.
+
+A fourth activity is an attack on a real kubelet's ``$(VAR)`` expansion (the same
+attack as tests/security/test_kubelet_expansion.py on the stand-in): its command,
+arguments, ``my*`` field and S3 log paths name ``$(AWS_SECRET_ACCESS_KEY)`` and hold
+``$$``; what the process printed must come back byte for byte from moto's S3 (on the
+node's address), and the Secret's canary key must appear nowhere.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
+from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, LocalDataPipeline
 from dptr_testbed import images
 
 from .conftest import PROBE_IMAGE, RealBed
@@ -34,6 +42,24 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "dptr"
 TIME_SCALE = 0.1
 WORKER_GROUP = "wg-real-node"
 RELEASE = "dptr"
+BUCKET = "real-node"
+#: The TaskRunner's secret key (the local service checks only the key id): it must leak nowhere.
+CANARY = "CANARY-" + uuid.uuid4().hex
+#: The expansion attack: kubelet must leave every byte of these alone.
+REFS = "$(AWS_SECRET_ACCESS_KEY)|$(DPTR_PIPELINE_ID)|$(DPTR_TASK_ID)|$(POD_NAME)|$$|$"
+HOSTILE_ARGS = ["$(AWS_SECRET_ACCESS_KEY)", "$(DPTR_PIPELINE_ID)", "$$"]
+HOSTILE = {
+    "type": "ShellCommandActivity",
+    "command": (
+        f"printf 'cmd:%s\\n' '{REFS}'; printf 'arg:%s\\n' \"$@\"; "
+        'printf \'field:%s\\n\' "$DPTR_FIELD_myValue"; echo "pid:$$"'
+    ),
+    "scriptArgument": HOSTILE_ARGS,
+    "myValue": REFS,
+    "stdout": f"s3://{BUCKET}/out/$(AWS_SECRET_ACCESS_KEY)/stdout",
+    "stderr": f"s3://{BUCKET}/out/$(POD_NAME)/stderr",
+    "maximumRetries": "0",
+}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -99,7 +125,33 @@ def datapipeline(real_bed: RealBed) -> Iterator[LocalDataPipeline]:
 
 
 @pytest.fixture
-def installed(real_bed: RealBed, datapipeline: LocalDataPipeline, tmp_path: Path) -> Iterator[Installed]:
+def moto_s3(real_bed: RealBed) -> Iterator[tuple[str, Any]]:
+    """moto's S3 on the node's address (pods reach it there), and a boto3 client for it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address=real_bed.node_address, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="AKIDREALNODE",
+        aws_secret_access_key="real-node",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield endpoint, client
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def installed(
+    real_bed: RealBed, datapipeline: LocalDataPipeline, moto_s3: tuple[str, Any], tmp_path: Path
+) -> Iterator[Installed]:
     release_ns = real_bed.namespace("rn-dptr")
     data_ns = real_bed.namespace("rn-data")
     inst = Installed(real_bed, release_ns, data_ns)
@@ -111,7 +163,7 @@ def installed(real_bed: RealBed, datapipeline: LocalDataPipeline, tmp_path: Path
         data_ns,
         "dp-credentials",
         f"--from-literal=AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY_ID}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={DEFAULT_SECRET_ACCESS_KEY}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={CANARY}",
     )
     operator_repo, operator_tag = split_image(images.OPERATOR_IMAGE)
     sidecar_repo, sidecar_tag = split_image(images.SIDECAR_IMAGE)
@@ -137,6 +189,7 @@ def installed(real_bed: RealBed, datapipeline: LocalDataPipeline, tmp_path: Path
                     "workerGroup": WORKER_GROUP,
                     "region": "us-east-1",
                     "endpointUrl": datapipeline.endpoint_url,
+                    "s3EndpointUrl": moto_s3[0],
                     "credentials": {"mode": "Secret", "secretRef": {"name": "dp-credentials"}},
                     "maxConcurrentTasks": 5,
                     # The sidecar image has /bin/sh; a task may pick the probe image.
@@ -166,7 +219,7 @@ def installed(real_bed: RealBed, datapipeline: LocalDataPipeline, tmp_path: Path
 
 
 def test_pipeline_outcomes_through_the_chart_on_the_real_node(
-    real_bed: RealBed, installed: Installed, datapipeline: LocalDataPipeline
+    real_bed: RealBed, installed: Installed, datapipeline: LocalDataPipeline, moto_s3: tuple[str, Any]
 ) -> None:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -196,6 +249,7 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
                 "maximumRetries": "0",
             },
             "Canceled": {"type": "ShellCommandActivity", "command": "sleep 600", "maximumRetries": "0"},
+            "Hostile": HOSTILE,
         },
         worker_group=WORKER_GROUP,
     )
@@ -220,7 +274,9 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
 
     def all_outcomes() -> dict[str, Any] | None:
         attempts = {a.object_id: a for a in datapipeline.ledger.attempts.values()}
-        if set(attempts) >= {"Succeeds", "Fails", "Canceled"} and all(a.outcome for a in attempts.values()):
+        if set(attempts) >= {"Succeeds", "Fails", "Canceled", "Hostile"} and all(
+            a.outcome for a in attempts.values()
+        ):
             tasks = {o: installed.task_for(o) for o in attempts}
             # The PipelineTask ledger records the report / the cancel too.
             if all(
@@ -243,10 +299,11 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
     assert attempts["Canceled"].outcome == "CANCELED", attempts["Canceled"]
     set_status_tasks = [c.task_id for c in datapipeline.ledger.calls_to("SetTaskStatus")]
     assert canceled_attempt.task_id not in set_status_tasks, "SetTaskStatus was called for a canceled task"
-    # Exactly one SetTaskStatus each for the other two.
+    # Exactly one SetTaskStatus each for the others.
     assert sorted(map(str, set_status_tasks)) == sorted(
-        [attempts["Succeeds"].task_id, attempts["Fails"].task_id]
+        [attempts["Succeeds"].task_id, attempts["Fails"].task_id, attempts["Hostile"].task_id]
     )
+    check_expansion_attack(installed, datapipeline, moto_s3[1], attempts["Hostile"])
 
     # Each outcome came from the sidecar in the task's own pod, a real container on the node.
     for object_id, phase in (("Succeeds", "Succeeded"), ("Fails", "Failed")):
@@ -295,3 +352,28 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
     refused = [line for line in op_logs.splitlines() if "forbidden" in line.lower()]
     assert not refused, "the operator was refused by the API server:\n" + "\n".join(refused[:10])
     datapipeline.assert_clean()
+
+
+def check_expansion_attack(
+    installed: Installed, datapipeline: LocalDataPipeline, s3: Any, record: Any
+) -> None:
+    """A real kubelet handed every process its strings exactly, and the key leaked nowhere."""
+    assert (record.outcome, record.error_id) == ("FINISHED", None), record.error_message
+    stdout = s3.get_object(Bucket=BUCKET, Key="out/$(AWS_SECRET_ACCESS_KEY)/stdout")["Body"].read()
+    pid_line = stdout.decode().splitlines()[-1]
+    assert pid_line.startswith("pid:") and pid_line[4:].isdigit(), stdout
+    lines = [f"cmd:{REFS}", *(f"arg:{a}" for a in HOSTILE_ARGS), f"field:{REFS}", pid_line]
+    assert stdout == ("\n".join(lines) + "\n").encode()
+    keys = [i["Key"] for i in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert "out/$(POD_NAME)/stderr" in keys, keys
+    leaks = [k for k in keys if CANARY in k]
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        if CANARY.encode() in (gzip.decompress(body) if key.endswith(".gz") else body):
+            leaks.append(f"object {key}")
+    for kind in ("pipelinetasks", "jobs", "pods", "events"):
+        if CANARY in json.dumps(installed.get(kind, "-n", installed.data_ns)):
+            leaks.append(kind)
+    if CANARY in json.dumps(datapipeline.ledger.to_json(include_calls=True), default=str):
+        leaks.append("the Data Pipeline ledger")
+    assert leaks == [], f"the Secret's key leaked to: {leaks}"

@@ -13,6 +13,7 @@ from dptr_samples import (
     task_object,
     task_runner_object,
 )
+from kubelet_view import seen
 
 from dptr_common import naming
 from dptr_common.models import TaskRunner
@@ -49,8 +50,9 @@ def _pod(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _containers(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each container as its process sees it, after kubelet's $(VAR) expansion."""
     pod = _pod(job)
-    return {c["name"]: c for c in pod.get("initContainers", []) + pod["containers"]}
+    return {c["name"]: seen(c) for c in pod.get("initContainers", []) + pod["containers"]}
 
 
 def _env(container: dict[str, Any]) -> dict[str, Any]:
@@ -453,3 +455,92 @@ def test_owner_may_be_an_owner_reference() -> None:
         render_job(
             _script_task(), _runner(), sidecar_image="s", namespace="n", owner={"metadata": {"name": "p"}}
         )
+
+
+# Kubelet expands $(VAR) in command and env values from the container's earlier env, and
+# turns $$ into $.  Every task-derived string must reach its process exactly as written.
+HOSTILE = "x/$(AWS_SECRET_ACCESS_KEY)/$(POD_NAME)/$(DPTR_PIPELINE_ID)/$$/$"
+
+
+def _hostile_task(**fields: str) -> Task:
+    base = [
+        {"key": "type", "stringValue": "ShellCommandActivity"},
+        {"key": "command", "stringValue": f"echo '{HOSTILE}' \"$$\" $$"},
+        {"key": "scriptArgument", "stringValue": HOSTILE},
+        {"key": "myValue", "stringValue": HOSTILE},
+        {"key": "stdout", "stringValue": f"s3://logs/{HOSTILE}/out"},
+        {"key": "stderr", "stringValue": f"s3://logs/{HOSTILE}/err"},
+        {"key": "pipelineLogUri", "stringValue": f"s3://logs/{HOSTILE}/"},
+        {"key": "@componentParent", "refValue": "Act"},
+    ] + [{"key": k, "stringValue": v} for k, v in fields.items()]
+    return parse_task(set_attempt_fields(task_object(), base))
+
+
+def _secret_placeholders(job: dict[str, Any]) -> list[str]:
+    """Values (other than the key entries themselves) in which a Secret's value would appear."""
+    leaks = []
+    for name, container in _containers(job).items():
+        for entry in container["env"]:
+            if "value" in entry and "<secretKeyRef:" in entry["value"]:
+                leaks.append(f"{name} env {entry['name']}: {entry['value']}")
+        leaks += [f"{name} argv: {a}" for a in container["command"] if "<secretKeyRef:" in a]
+    return leaks
+
+
+def test_task_strings_reach_every_process_exactly_as_written() -> None:
+    runner = _runner(credentials={"mode": "Secret", "secretRef": {"name": "dp-keys"}})
+    job = _render(_hostile_task(), runner)
+    containers = _containers(job)
+    sidecar_env = _env(containers[SIDECAR_CONTAINER])
+    assert sidecar_env["DPTR_STDOUT_URI"] == f"s3://logs/{HOSTILE}/out"
+    assert sidecar_env["DPTR_STDERR_URI"] == f"s3://logs/{HOSTILE}/err"
+    assert sidecar_env["DPTR_PIPELINE_LOG_URI"] == f"s3://logs/{HOSTILE}/"
+    task = containers[TASK_CONTAINER]
+    assert task["command"][-3:] == [f"echo '{HOSTILE}' \"$$\" $$", "dptr-task", HOSTILE]
+    assert _env(task)["DPTR_FIELD_myValue"] == HOSTILE
+    assert json.loads(_env(task)["DPTR_FIELDS_JSON"]) == {"myValue": [HOSTILE]}
+    assert _secret_placeholders(job) == []
+
+
+def test_script_uri_and_staged_paths_reach_their_containers_exactly() -> None:
+    runner = _runner(
+        credentials={"mode": "Secret", "secretRef": {"name": "dp-keys"}},
+        jobTemplate={"image": "img", "env": [{"name": "TEMPLATE_REF", "value": "$(DPTR_ATTEMPT_ID)"}]},
+    )
+    obj = set_attempt_fields(
+        task_object(),
+        [
+            {"key": "type", "stringValue": "ShellCommandActivity"},
+            {"key": "scriptUri", "stringValue": f"s3://scripts/{HOSTILE}"},
+            {"key": "stage", "stringValue": "true"},
+            {"key": "input", "refValue": "In"},
+        ],
+    )
+    obj["objects"]["In"] = {
+        "id": "In",
+        "name": "In",
+        "fields": [
+            {"key": "type", "stringValue": "S3DataNode"},
+            {"key": "filePath", "stringValue": f"s3://data/{HOSTILE}"},
+        ],
+    }
+    job = _render(parse_task(obj), runner)
+    containers = _containers(job)
+    assert _env(containers["dptr-fetch-script"])["DPTR_SCRIPT_URI"] == f"s3://scripts/{HOSTILE}"
+    for name in ("dptr-stage-in", SIDECAR_CONTAINER):
+        plan = json.loads(_env(containers[name])["DPTR_STAGING_PLAN"])
+        assert plan["nodes"][0]["uri"] == f"s3://data/{HOSTILE}", name
+    # The TaskRunner author's own template env keeps kubelet's expansion (documented).
+    raw_task = next(c for c in _pod(job)["containers"] if c["name"] == TASK_CONTAINER)
+    assert {"name": "TEMPLATE_REF", "value": "$(DPTR_ATTEMPT_ID)"} in raw_task["env"]
+    assert _secret_placeholders(job) == []
+
+
+def test_credentials_come_last_in_every_container() -> None:
+    runner = _runner(
+        credentials={"mode": "Secret", "secretRef": {"name": "dp-keys"}}, passDataPipelineCredentials=True
+    )
+    pod = _pod(_render(_hostile_task(), runner, sidecar_env={"DPTR_X": "1"}))
+    for container in pod["initContainers"] + pod["containers"]:
+        names = [e["name"] for e in container["env"]]
+        assert names[-2:] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], (container["name"], names)
