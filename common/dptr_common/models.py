@@ -16,6 +16,7 @@ older operator must keep working against a newer CRD.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
@@ -49,10 +50,12 @@ __all__ = [
     "Report",
     "SecretRef",
     "TaskCounts",
+    "TaskIOLimits",
     "TaskRunner",
     "TaskRunnerSpec",
     "TaskRunnerStatus",
     "image_allowed",
+    "parse_byte_quantity",
     "utcnow",
 ]
 
@@ -198,6 +201,57 @@ class ImagePolicy(CamelModel):
         return image_allowed(image, self.allowed_images)
 
 
+_QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_QUANTITY_FACTORS = {
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_byte_quantity(value: str | int) -> int:
+    """A byte count written as a Kubernetes quantity without fractions: ``512Mi``, ``5G``,
+    ``1048576``.  Raises ValueError for anything else."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a byte quantity such as 512Mi, 5Gi or 1000000")
+    return int(match.group(1)) * _QUANTITY_FACTORS[match.group(2)]
+
+
+class TaskIOLimits(CamelModel):
+    """Bounds on what the sidecar reads from the volumes the task writes (docs/security.md)."""
+
+    #: All staged outputs of one attempt together.
+    max_output_bytes: str = "50Gi"
+    #: Each captured stream (stdout, stderr).
+    max_log_bytes: str = "5Gi"
+
+    @field_validator("max_output_bytes", "max_log_bytes")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if parse_byte_quantity(value) <= 0:
+            raise ValueError(f"{value!r} must be more than 0 bytes")
+        return value
+
+    @property
+    def output_bytes(self) -> int:
+        return parse_byte_quantity(self.max_output_bytes)
+
+    @property
+    def log_bytes(self) -> int:
+        return parse_byte_quantity(self.max_log_bytes)
+
+
 class HistoryLimits(CamelModel):
     """How many finished PipelineTasks (with their Jobs) to keep."""
 
@@ -220,6 +274,7 @@ class TaskRunnerSpec(CamelModel):
     pass_data_pipeline_credentials: bool = False
     history_limits: HistoryLimits = Field(default_factory=HistoryLimits)
     sidecar_image: str | None = None
+    task_io: TaskIOLimits = Field(default_factory=TaskIOLimits, alias="taskIO")
 
     @field_validator("worker_group")
     @classmethod

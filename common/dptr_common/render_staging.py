@@ -12,7 +12,9 @@
     * the task container gets ``INPUTn_STAGING_DIR`` / ``OUTPUTn_STAGING_DIR`` in its
       environment (the shell expands ``${INPUT1_STAGING_DIR}`` in ``command``) and the
       volume read-write; ``scriptArgument`` values get the references substituted;
-    * the sidecar mounts the volume read-only and uploads the outputs after exit 0.
+    * the sidecar mounts the volume read-only and uploads the outputs after exit 0;
+    * stage-in writes the resolved plan into ``dptr-plan`` (``/dptr/plan``), which only
+      it and the sidecar mount: the task can rewrite nothing the sidecar trusts.
 ``stdout`` / ``stderr`` S3 paths, or a ``pipelineLogUri``
     * an emptyDir ``dptr-logs`` at ``/dptr/logs``;
     * the task's command runs under a POSIX ``sh`` wrapper that ``tee``s stdout and
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 STAGING_VOLUME = "dptr-staging"
+#: stage-in hands the resolved plan to the sidecar here; the task does not mount it.
+PLAN_VOLUME = "dptr-plan"
+PLAN_DIR = "/dptr/plan"
 LOG_VOLUME = "dptr-logs"
 LOG_DIR = "/dptr/logs"
 _WRAPPER_NAME = "dptr-capture"
@@ -111,6 +116,7 @@ def _stage_in_container(
     env = [
         _env("DPTR_STAGING_PLAN", plan.to_json()),
         _env("DPTR_STAGING_ROOT", STAGING_ROOT),
+        _env("DPTR_PLAN_DIR", PLAN_DIR),
         _env("DPTR_REGION", runner.spec.region),
         _env("AWS_REGION", runner.spec.region),
         *s3_env,
@@ -125,7 +131,10 @@ def _stage_in_container(
         "env": env,
         "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
         "securityContext": copy.deepcopy(sidecar.get("securityContext", {})),
-        "volumeMounts": [{"name": STAGING_VOLUME, "mountPath": STAGING_ROOT, "readOnly": False}],
+        "volumeMounts": [
+            {"name": STAGING_VOLUME, "mountPath": STAGING_ROOT, "readOnly": False},
+            {"name": PLAN_VOLUME, "mountPath": PLAN_DIR, "readOnly": False},
+        ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -153,6 +162,7 @@ def render_staging(job: dict[str, Any], task: Task, runner: TaskRunner) -> dict[
 
     if plan is not None:
         volumes.append({"name": STAGING_VOLUME, "emptyDir": {}})
+        volumes.append({"name": PLAN_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}})
         inits.append(_stage_in_container(plan, runner, sidecar, s3_env))
         staging_env = plan.env()
         set_env(main, [_env(k, v) for k, v in staging_env.items()])
@@ -166,7 +176,13 @@ def render_staging(job: dict[str, Any], task: Task, runner: TaskRunner) -> dict[
             )
             main["command"] = argv
         _mount(sidecar, STAGING_VOLUME, STAGING_ROOT, read_only=True)
-        sidecar_env += [_env("DPTR_STAGING_PLAN", plan.to_json()), _env("DPTR_STAGING_ROOT", STAGING_ROOT)]
+        _mount(sidecar, PLAN_VOLUME, PLAN_DIR, read_only=True)
+        sidecar_env += [
+            _env("DPTR_STAGING_PLAN", plan.to_json()),
+            _env("DPTR_STAGING_ROOT", STAGING_ROOT),
+            _env("DPTR_PLAN_DIR", PLAN_DIR),
+            _env("DPTR_MAX_OUTPUT_BYTES", str(runner.spec.task_io.output_bytes)),
+        ]
 
     if wants_logs:
         volumes.append({"name": LOG_VOLUME, "emptyDir": {}})
@@ -174,7 +190,11 @@ def render_staging(job: dict[str, Any], task: Task, runner: TaskRunner) -> dict[
         set_env(main, [_env("DPTR_LOG_DIR", LOG_DIR)])
         _mount(main, LOG_VOLUME, LOG_DIR, read_only=False)
         _mount(sidecar, LOG_VOLUME, LOG_DIR, read_only=True)
-        sidecar_env += [_env("DPTR_LOG_DIR", LOG_DIR)] + [_env(k, v) for k, v in log_env(task).items()]
+        sidecar_env += [
+            _env("DPTR_LOG_DIR", LOG_DIR),
+            _env("DPTR_MAX_LOG_BYTES", str(runner.spec.task_io.log_bytes)),
+            *(_env(k, v) for k, v in log_env(task).items()),
+        ]
 
     set_env(sidecar, sidecar_env)
     return job

@@ -18,6 +18,11 @@ The task container's streams are captured to ``$DPTR_LOG_DIR/stdout`` and
 (``tee``, so ``kubectl logs`` still shows them).  When the image lacks ``tee`` or
 ``mkfifo`` the wrapper leaves ``.nocapture`` and the caller's combined container log
 (from the Kubernetes API) stands in for stdout.
+
+The log volume is the task's to write, so it is read through :mod:`.safefs`: a capture
+file that is a link, a FIFO, a device or larger than ``DPTR_MAX_LOG_BYTES`` is never
+read.  Tampering is the one log problem that changes the outcome: the attempt ends
+FAILED ``dptr.LogUploadFailed.<Symlink|NotRegularFile|TooLarge>``.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dptr_common.errors import TaskError
+from dptr_common.staging_plan import STAGING_ROOT
 from dptr_common.task import Task
 
 from .s3 import CHUNK_SIZE, S3Client, S3Error, S3Uri, parse_s3_uri
-from .staging import load_plan, stage_out
+from .safefs import SharedFile, SharedVolume, UnsafeFile
+from .staging import DEFAULT_MAX_OUTPUT_BYTES, load_plan, stage_out
 
 __all__ = [
     "ACTIVITY_LOG_NAME",
@@ -55,8 +62,13 @@ ACTIVITY_LOG_NAME = "Activity.log"
 LOG_DIR = "/dptr/logs"
 NO_CAPTURE_MARKER = ".nocapture"
 
-#: bytes, a file (missing means empty), or a factory of byte chunks (called per upload).
-Source = bytes | Path | Callable[[], Iterable[bytes]] | None
+#: The most each captured stream may hold, unless the TaskRunner says otherwise
+#: (``spec.taskIO.maxLogBytes``, passed as ``DPTR_MAX_LOG_BYTES``).
+DEFAULT_MAX_LOG_BYTES = 5 * 1024**3
+
+#: bytes, a file (missing means empty), a safely opened file of the log volume, or a
+#: factory of byte chunks (called per upload).
+Source = bytes | Path | SharedFile | Callable[[], Iterable[bytes]] | None
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,9 @@ def _chunks(source: Source) -> Iterator[bytes]:
         if source:
             yield source
         return
+    if isinstance(source, SharedFile):
+        yield from source.chunks(CHUNK_SIZE)
+        return
     if isinstance(source, Path):
         try:
             handle = source.open("rb")
@@ -181,11 +196,13 @@ def upload_logs(
     stdout: Source,
     stderr: Source,
     activity_log: Source = None,
+    skip: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Upload the streams wherever ``targets`` says; returns problems (never raises for S3).
 
     Each destination is tried independently, so one refused bucket does not cost the
-    other copies.
+    other copies.  Streams named in ``skip`` (``"stdout"``, ``"stderr"``) are not
+    uploaded anywhere.
     """
     problems: list[str] = []
     uploads: list[tuple[str, Source, str, bool]] = []
@@ -206,6 +223,8 @@ def upload_logs(
         if activity_log is not None:
             uploads.append(("activity log", activity_log, str(prefix.child(ACTIVITY_LOG_NAME + ".gz")), True))
     for stream, source, uri, compress in uploads:
+        if stream in skip:
+            continue
         try:
             target = parse_s3_uri(uri)
         except S3Error:
@@ -232,14 +251,59 @@ class TaskIOResult:
     uploaded: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Captured:
+    """The task's captured streams, opened safely, and what was refused."""
+
+    stdout: Source = None
+    stderr: Source = None
+    refused: list[UnsafeFile] = field(default_factory=list)
+    _open: list[SharedFile] = field(default_factory=list)
+
+    def close(self) -> None:
+        for shared in self._open:
+            shared.close()
+
+
 def capture_sources(
-    log_dir: Path, combined_output: Callable[[], Iterable[bytes]] | None = None
-) -> tuple[Source, Source]:
-    """(stdout, stderr) as captured by the wrapper, or the combined container log without capture."""
-    uncaptured = (log_dir / NO_CAPTURE_MARKER).exists() or not (log_dir / "stdout").exists()
-    if uncaptured and combined_output is not None:
-        return combined_output, b""
-    return log_dir / "stdout", log_dir / "stderr"
+    log_dir: Path,
+    combined_output: Callable[[], Iterable[bytes]] | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_LOG_BYTES,
+) -> Captured:
+    """stdout and stderr as the wrapper captured them, or the combined container log when
+    it could not capture.  A capture file the sidecar refuses (a link, a FIFO, a device,
+    too large) is listed in ``refused`` and not uploaded at all."""
+    captured = Captured()
+    try:
+        volume = SharedVolume(str(log_dir))
+    except OSError:
+        return captured if combined_output is None else Captured(stdout=combined_output, stderr=b"")
+    with volume:
+        uncaptured = volume.exists(NO_CAPTURE_MARKER) or not volume.exists("stdout")
+        if uncaptured and combined_output is not None:
+            return Captured(stdout=combined_output, stderr=b"")
+        for stream in ("stdout", "stderr"):
+            source: Source = b""
+            try:
+                shared = volume.open(stream, max_bytes=max_bytes)
+                captured._open.append(shared)
+                source = shared
+            except FileNotFoundError:
+                pass
+            except UnsafeFile as refusal:
+                captured.refused.append(refusal)
+                source = None
+            setattr(captured, stream, source)
+    return captured
+
+
+def _limit(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        value = int(env.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 def finish_task_io(
@@ -280,17 +344,45 @@ def finish_task_io(
         )
         if plan is not None and plan.outputs and exit_code == 0:
             try:
-                result.uploaded = stage_out(plan, client, log=log)
+                result.uploaded = stage_out(
+                    plan,
+                    client,
+                    log=log,
+                    root=env.get("DPTR_STAGING_ROOT") or STAGING_ROOT,
+                    max_bytes=_limit(env, "DPTR_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES),
+                )
             except TaskError as error:
                 result.error = error
                 log(f"staging out failed: {error.error_id}: {error.message}")
         elif plan is not None and plan.outputs:
             log("outputs not uploaded: the command did not succeed")
         if targets.wanted:
-            stdout, stderr = capture_sources(Path(env.get("DPTR_LOG_DIR") or LOG_DIR), combined_output)
-            result.problems = upload_logs(
-                targets, client, stdout=stdout, stderr=stderr, activity_log=lambda: [log.text()]
+            captured = capture_sources(
+                Path(env.get("DPTR_LOG_DIR") or LOG_DIR),
+                combined_output,
+                max_bytes=_limit(env, "DPTR_MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES),
             )
+            try:
+                for refusal in captured.refused:
+                    note = f"not uploading {refusal}"
+                    log(note)
+                    result.problems.append(note)
+                if captured.refused and result.error is None:
+                    first = captured.refused[0]
+                    result.error = TaskError(
+                        f"dptr.LogUploadFailed.{first.reason}",
+                        f"the task's captured output was tampered with: {first}; it was not uploaded",
+                    )
+                result.problems += upload_logs(
+                    targets,
+                    client,
+                    stdout=captured.stdout,
+                    stderr=captured.stderr,
+                    activity_log=lambda: [log.text()],
+                    skip=frozenset(Path(r.path).name for r in captured.refused),
+                )
+            finally:
+                captured.close()
     finally:
         if own_client:
             client.close()

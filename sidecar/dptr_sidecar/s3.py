@@ -15,14 +15,15 @@ service, as for the Data Pipeline client: a pod must not silently act as its nod
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from .safefs import file_slice
 
 __all__ = [
     "CHUNK_SIZE",
@@ -87,47 +88,6 @@ def _error_code(exc: BaseException) -> tuple[str, str]:
             code = "AccessDenied"
         return code or f"HTTP{status}", str(error.get("Message") or exc)
     return type(exc).__name__, str(exc)
-
-
-class _FileSlice(io.RawIOBase):
-    """``length`` bytes of ``handle`` from ``offset``, readable and seekable (for retries)."""
-
-    def __init__(self, handle: BinaryIO, offset: int, length: int) -> None:
-        super().__init__()
-        self._handle, self._offset, self._length, self._position = handle, offset, length, 0
-
-    def __len__(self) -> int:
-        return self._length - self._position
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = min(max(base + offset, 0), self._length)
-        return self._position
-
-    def read(self, size: int | None = -1) -> bytes:
-        remaining = self._length - self._position
-        if size is None or size < 0 or size > remaining:
-            size = remaining
-        if size <= 0:
-            return b""
-        self._handle.seek(self._offset + self._position)
-        data = self._handle.read(size)
-        self._position += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 class S3Client:
@@ -244,20 +204,26 @@ class S3Client:
     # ---- writes ---------------------------------------------------------------
 
     def upload_file(self, path: Path, uri: S3Uri, *, extra: Mapping[str, str] | None = None) -> int:
-        """Upload a local file (multipart above one part); returns its size."""
-        size = path.stat().st_size
-        with path.open("rb") as source:
-            if size <= self.part_size:
-                try:
-                    self._client.put_object(Bucket=uri.bucket, Key=uri.key, Body=source, **dict(extra or {}))
-                except Exception as exc:
-                    raise self._error(exc, uri) from exc
-                return size
-        return self._upload_file_multipart(path, size, uri, dict(extra or {}))
+        """Upload a local file of the sidecar's own (multipart above one part); returns its size."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return self.upload_fd(fd, os.fstat(fd).st_size, uri, extra=extra)
+        finally:
+            os.close(fd)
 
-    def _upload_file_multipart(self, path: Path, size: int, uri: S3Uri, extra: dict[str, str]) -> int:
-        # Each part is streamed from its own file slice: nothing of the file is held in
-        # memory beyond the HTTP client's send buffer.
+    def upload_fd(self, fd: int, size: int, uri: S3Uri, *, extra: Mapping[str, str] | None = None) -> int:
+        """Upload exactly ``size`` bytes of the open file ``fd`` (multipart above one part).
+
+        Each request body is a ``pread`` slice of its own, so nothing of the file is held
+        in memory beyond the HTTP client's send buffer, a retried part re-reads its own
+        bytes, and a file that grows after it was opened adds nothing."""
+        extra = dict(extra or {})
+        if size <= self.part_size:
+            try:
+                self._client.put_object(Bucket=uri.bucket, Key=uri.key, Body=file_slice(fd, 0, size), **extra)
+            except Exception as exc:
+                raise self._error(exc, uri) from exc
+            return size
         try:
             upload_id = self._client.create_multipart_upload(Bucket=uri.bucket, Key=uri.key, **extra)[
                 "UploadId"
@@ -266,10 +232,9 @@ class S3Client:
             raise self._error(exc, uri) from exc
         parts: list[dict[str, Any]] = []
         try:
-            with path.open("rb") as handle:
-                for number, offset in enumerate(range(0, size, self.part_size), start=1):
-                    part = _FileSlice(handle, offset, min(self.part_size, size - offset))
-                    parts.append(self._upload_part(uri, upload_id, number, part))
+            for number, offset in enumerate(range(0, size, self.part_size), start=1):
+                part = file_slice(fd, offset, min(self.part_size, size - offset))
+                parts.append(self._upload_part(uri, upload_id, number, part))
             self._client.complete_multipart_upload(
                 Bucket=uri.bucket, Key=uri.key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )

@@ -7,7 +7,8 @@ Who does what (docs/task-runner-parity.md has the why):
 * ``dptr-stage-in`` (init container, only with ``stage: true``): :func:`stage_in_main`
   resolves data nodes PollForTask did not include (one DescribeObjects call), downloads
   every input into ``INPUTn_STAGING_DIR``, creates every ``OUTPUTn_STAGING_DIR``, and
-  writes the resolved plan to ``<staging root>/.plan.json`` for the sidecar.
+  writes the resolved plan to ``/dptr/plan/plan.json`` for the sidecar (a volume the
+  task container does not mount).
 * the sidecar, after the task container exited 0: :func:`stage_out` uploads every
   output directory.  A failed upload makes the attempt FAILED (the data did not
   arrive), with ``dptr.StagingFailed.<S3 code>``.
@@ -27,9 +28,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dptr_common.errors import Outcome, TaskError, error_id
+from dptr_common.render_staging import PLAN_DIR
 from dptr_common.staging_plan import STAGING_ROOT, StagedNode, StagingPlan, data_node_location
 
 from .s3 import S3Client, S3Error, S3Uri, parse_s3_uri
+from .safefs import SharedVolume, UnsafeFile
 
 __all__ = [
     "PLAN_FILE",
@@ -45,8 +48,9 @@ __all__ = [
     "write_termination_message",
 ]
 
-#: The resolved plan, written by stage-in into the staging volume for the sidecar.
-PLAN_FILE = ".plan.json"
+#: The resolved plan, written by stage-in for the sidecar into a volume of their own
+#: (``dptr-plan``): the task container does not mount it, so it cannot rewrite the plan.
+PLAN_FILE = "plan.json"
 #: Kubernetes' default terminationMessagePath.
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -103,10 +107,10 @@ def resolve_plan(plan: StagingPlan, client: Any) -> StagingPlan:
 
 
 def load_plan(env: Mapping[str, str] | None = None) -> StagingPlan | None:
-    """The plan for this pod: the one stage-in resolved, else ``DPTR_STAGING_PLAN``, else None."""
+    """The plan for this pod: the one stage-in resolved (in the plan volume, which the
+    task cannot write), else ``DPTR_STAGING_PLAN``, else None."""
     env = os.environ if env is None else env
-    root = Path(env.get("DPTR_STAGING_ROOT") or STAGING_ROOT)
-    resolved = root / PLAN_FILE
+    resolved = Path(env.get("DPTR_PLAN_DIR") or PLAN_DIR) / PLAN_FILE
     if resolved.is_file():
         return StagingPlan.from_json(resolved.read_text())
     raw = env.get("DPTR_STAGING_PLAN")
@@ -195,41 +199,92 @@ def _upload_args(node: StagedNode) -> dict[str, str]:
     return {"ServerSideEncryption": "AES256"}
 
 
-def stage_out(plan: StagingPlan, s3: S3Client, *, log: Log = _stderr_log) -> list[str]:
+#: The most a task's staged outputs may add up to, unless the TaskRunner says otherwise
+#: (``spec.taskIO.maxOutputBytes``, passed as ``DPTR_MAX_OUTPUT_BYTES``).
+DEFAULT_MAX_OUTPUT_BYTES = 50 * 1024**3
+
+
+def _unsafe(exc: UnsafeFile, node: StagedNode) -> TaskError:
+    return TaskError(
+        error_id("StagingFailed", exc.reason),
+        f"{node.env_name} (output {node.index}, {node.ref}): {exc}; nothing of this output was uploaded",
+    )
+
+
+def _output_files(
+    volume: SharedVolume, plan: StagingPlan, root: str, max_bytes: int
+) -> list[tuple[StagedNode, list[tuple[str, int]]]]:
+    """Every output's files, checked (all of them, before anything is uploaded)."""
+    found = []
+    total = 0
+    for node in plan.outputs:
+        relative = PurePosixPath(node.staging_dir).relative_to(root).as_posix()
+        try:
+            files = volume.files(relative) if volume.is_dir(relative) else []
+        except UnsafeFile as exc:
+            raise _unsafe(exc, node) from exc
+        if node.kind == "file" and len(files) > 1:
+            raise TaskError(
+                "dptr.StagingFailed.TooManyFiles",
+                f"{node.env_name} holds {len(files)} files but output {node.ref!r} is a filePath",
+            )
+        total += sum(size for _, size in files)
+        if total > max_bytes:
+            raise TaskError(
+                "dptr.StagingFailed.TooLarge",
+                f"the staged outputs hold more than {max_bytes} bytes (at {node.env_name}); "
+                "nothing was uploaded (raise spec.taskIO.maxOutputBytes on the TaskRunner to allow more)",
+            )
+        found.append((node, [(f"{relative}/{name}", size) for name, size in files]))
+    return found
+
+
+def stage_out(
+    plan: StagingPlan,
+    s3: S3Client,
+    *,
+    log: Log = _stderr_log,
+    root: str = STAGING_ROOT,
+    max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+) -> list[str]:
     """Upload every ``OUTPUTn_STAGING_DIR`` to its data node; returns the URIs written.
 
     A directoryPath receives the directory's files under their relative paths; a
-    filePath receives the directory's single file (more than one is an error).  Symbolic
-    links are not followed.  Raises TaskError ``dptr.StagingFailed.<code>``.
+    filePath receives the directory's single file (more than one is an error).  The
+    staging volume is the task's to write, so it is read through :mod:`.safefs`: a
+    symbolic link, FIFO, device or socket anywhere in an output, or outputs larger than
+    ``max_bytes`` together, fail the attempt before anything is uploaded.  Raises
+    TaskError ``dptr.StagingFailed.<code>`` (``Symlink``, ``NotRegularFile``,
+    ``TooLarge``, ``TooManyFiles``, or S3's error code).
     """
-    written: list[str] = []
     for node in plan.outputs:
         if node.uri is None:
             raise TaskError(
                 "dptr.StagingFailed.DataNodeNotResolved", f"output data node {node.ref!r} has no location"
             )
-        root = Path(node.staging_dir)
-        files = sorted(
-            p for p in (root.rglob("*") if root.is_dir() else []) if p.is_file() and not p.is_symlink()
-        )
-        try:
-            uri = parse_s3_uri(node.uri)
-            if node.kind == "file":
-                if len(files) > 1:
-                    raise TaskError(
-                        "dptr.StagingFailed.TooManyFiles",
-                        f"{node.env_name} holds {len(files)} files but output {node.ref!r} is a filePath",
-                    )
-                targets = [(files[0], uri)] if files else []
-            else:
-                targets = [(f, uri.child(f.relative_to(root).as_posix())) for f in files]
-            for path, target in targets:
-                log(f"uploading {path} to {target}")
-                s3.upload_file(path, target, extra=_upload_args(node))
-                written.append(str(target))
-        except S3Error as exc:
-            raise _staging_error(exc, f"output {node.index} ({node.ref}) {node.uri}") from exc
-        log(f"{node.env_name}: {len(targets)} file(s) uploaded to {node.uri}")
+    written: list[str] = []
+    with SharedVolume(root) as volume:
+        for node, files in _output_files(volume, plan, root, max_bytes):
+            assert node.uri is not None
+            prefix = PurePosixPath(node.staging_dir).relative_to(root).as_posix() + "/"
+            try:
+                uri = parse_s3_uri(node.uri)
+                targets = [
+                    (path, uri if node.kind == "file" else uri.child(path[len(prefix) :]))
+                    for path, _ in files
+                ]
+                for path, target in targets:
+                    log(f"uploading {root}/{path} to {target}")
+                    try:
+                        shared = volume.open(path, max_bytes=max_bytes)
+                    except UnsafeFile as exc:  # changed since it was listed
+                        raise _unsafe(exc, node) from exc
+                    with shared:
+                        s3.upload_fd(shared.fd, shared.size, target, extra=_upload_args(node))
+                    written.append(str(target))
+            except S3Error as exc:
+                raise _staging_error(exc, f"output {node.index} ({node.ref}) {node.uri}") from exc
+            log(f"{node.env_name}: {len(targets)} file(s) uploaded to {node.uri}")
     return written
 
 
@@ -335,8 +390,7 @@ def stage_in_main(argv: list[str] | None = None, env: Mapping[str, str] | None =
                 client.close()
         with _s3_from_env(env) as s3:
             stage_in(plan, s3)
-        root = Path(env.get("DPTR_STAGING_ROOT") or STAGING_ROOT)
-        (root / PLAN_FILE).write_text(plan.to_json())
+        (Path(env.get("DPTR_PLAN_DIR") or PLAN_DIR) / PLAN_FILE).write_text(plan.to_json())
     except TaskError as error:
         write_termination_message(error, env)
         return 1

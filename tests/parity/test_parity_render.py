@@ -206,6 +206,11 @@ def test_task_container_gets_staging_dirs_but_no_credentials_or_token() -> None:
     sidecar = containers[SIDECAR_CONTAINER]
     assert _mounts(sidecar)["dptr-staging"]["readOnly"] is True
     assert "DPTR_STAGING_PLAN" in _env(sidecar)
+    # The resolved plan travels from stage-in to the sidecar where the task cannot write.
+    assert "dptr-plan" not in _mounts(task)
+    assert _mounts(sidecar)["dptr-plan"]["readOnly"] is True
+    assert _mounts(containers[STAGE_IN_CONTAINER])["dptr-plan"]["readOnly"] is False
+    assert _env(sidecar)["DPTR_PLAN_DIR"] == _env(containers[STAGE_IN_CONTAINER])["DPTR_PLAN_DIR"]
 
 
 def test_unresolved_data_node_gives_stage_in_the_data_pipeline_endpoint() -> None:
