@@ -23,6 +23,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from dptr_common import images
 from dptr_common.task import Task, TaskField
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "TaskRunner",
     "TaskRunnerSpec",
     "TaskRunnerStatus",
-    "image_allowed",
     "parse_byte_quantity",
     "utcnow",
 ]
@@ -173,32 +173,24 @@ class JobTemplate(CamelModel):
     container_security_context: dict[str, Any] | None = None
 
 
-def image_allowed(image: str, allowed_images: list[str]) -> bool:
-    """Exact match, or prefix match for a pattern ending in ``*`` (``repo/team/*``)."""
-    for pattern in allowed_images:
-        if pattern.endswith("*"):
-            if image.startswith(pattern[:-1]):
-                return True
-        elif image == pattern:
-            return True
-    return False
-
-
 class ImagePolicy(CamelModel):
-    """Images a task may choose with its ``myImage`` field."""
+    """Images a task may choose with its ``myImage`` field (see :mod:`dptr_common.images`)."""
 
     allowed_images: list[str] = []
+    #: Refuse a ``myImage`` that is not pinned to a digest (``@sha256:...``).
+    require_digest: bool = False
 
     @field_validator("allowed_images")
     @classmethod
-    def _star_only_at_end(cls, value: list[str]) -> list[str]:
+    def _patterns(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            if not pattern or "*" in pattern[:-1]:
-                raise ValueError(f"allowedImages entry {pattern!r}: '*' is only allowed at the end")
+            images.parse_pattern(pattern)  # raises InvalidReference, a ValueError
         return value
 
     def allows(self, image: str) -> bool:
-        return image_allowed(image, self.allowed_images)
+        """Whether ``image`` may run; raises :class:`~dptr_common.images.InvalidReference`
+        when it is not an image reference at all."""
+        return images.image_allowed(image, self.allowed_images, require_digest=self.require_digest)
 
 
 _QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")

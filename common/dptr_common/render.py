@@ -42,6 +42,7 @@ from typing import Any
 
 from dptr_common import naming
 from dptr_common.errors import TaskError
+from dptr_common.images import InvalidReference
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, TaskRunner
 from dptr_common.podspec import (
     FETCH_CONTAINER,
@@ -138,11 +139,18 @@ def choose_image(task: Task, runner: TaskRunner) -> str:
     """The TaskRunner's image, or the task's ``myImage`` if the allow-list permits it."""
     if task.my_image is None:
         return runner.spec.job_template.image
-    if runner.spec.image_policy.allows(task.my_image):
+    policy = runner.spec.image_policy
+    try:
+        allowed = policy.allows(task.my_image)
+    except InvalidReference as exc:
+        raise TaskError("dptr.InvalidTask.BadField.myImage", str(exc)) from None
+    if allowed:
         return task.my_image
+    pinned = " (imagePolicy.requireDigest: it must name an @sha256: digest)" if policy.require_digest else ""
     raise TaskError(
         "dptr.ImageNotAllowed",
-        f"myImage {task.my_image!r} is not in imagePolicy.allowedImages of TaskRunner {runner.metadata.name}",
+        f"myImage {task.my_image!r} is not in imagePolicy.allowedImages of TaskRunner "
+        f"{runner.metadata.name}{pinned}",
     )
 
 

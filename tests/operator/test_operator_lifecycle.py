@@ -185,6 +185,12 @@ def test_two_replicas_only_the_leader_polls(
         ({"endpointUrl": "not a url"}, "endpointUrl must be an absolute http(s) URL"),
         ({"credentials": {"mode": "Magic"}}, "Unsupported value"),
         ({"credentials": {"mode": "Secret"}}, "secretRef is required"),
+        # Image allow-list entries that a string-prefix match would have turned into bypasses.
+        ({"imagePolicy": {"allowedImages": ["registry.example.com/etl*"]}}, "an allowedImages entry is"),
+        ({"imagePolicy": {"allowedImages": ["registry.example.com*"]}}, "an allowedImages entry is"),
+        ({"imagePolicy": {"allowedImages": ["registry.example.com/etl/x:1\n"]}}, "an allowedImages entry is"),
+        ({"imagePolicy": {"allowedImages": ["registry.example.com/*/x"]}}, "an allowedImages entry is"),
+        ({"taskIO": {"maxLogBytes": "5 GB"}}, "spec.taskIO.maxLogBytes"),
     ],
 )
 def test_admission_rejects_bad_taskrunners(cluster: Cluster, patch: dict[str, object], message: str) -> None:

@@ -1,69 +1,130 @@
-"""The real node's image recipe: mirrors, local build arguments, and the Dockerfiles' shape."""
+"""The image allow-list matches parsed references, never string prefixes (issue: bypasses)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from dptr_testbed import images, realnode
+import pytest
+import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from dptr_common.images import (
+    ALLOWED_IMAGE_PATTERN,
+    InvalidReference,
+    image_allowed,
+    parse_pattern,
+    parse_reference,
+)
+
+CRD = Path(__file__).resolve().parents[2] / "charts" / "dptr" / "crds" / "taskrunners.yaml"
+DIGEST = "sha256:" + "a" * 64
+OTHER_DIGEST = "sha256:" + "b" * 64
+
+# (allow-list, image, allowed?)
+CASES = [
+    # The bypasses of a string-prefix match.
+    (["registry.example.com/etl/*"], "registry.example.com/etl-secret/x:1", False),
+    (["registry.example.com/etl/*"], "registry.example.com/etl/x:1", True),
+    (["registry.example.com/etl/*"], "registry.example.com/etl/team/x@" + DIGEST, True),
+    (["registry.example.com/etl/*"], "registry.example.com/etl:1", False),
+    (["registry.example.com/*"], "registry.example.com.evil.io/x:1", False),
+    (["registry.example.com/*"], "registry.example.com:5000/x:1", False),
+    (["registry.example.com/*"], "registry.example.com/x:1", True),
+    (["registry.example.com/*"], "REGISTRY.example.com/x:1", True),
+    (["registry.example.com/*"], "evil.io/registry.example.com/x:1", False),
+    (["registry.example.com:5000/*"], "registry.example.com:5000/x:1", True),
+    (["registry.example.com:5000/*"], "registry.example.com/x:1", False),
+    (["localhost/*"], "localhost/probe:dev", True),
+    # Repository, tag and digest rules.
+    (["registry.example.com/etl/runner:*"], "registry.example.com/etl/runner:1.4", True),
+    (["registry.example.com/etl/runner:*"], "registry.example.com/etl/runner@" + DIGEST, True),
+    (["registry.example.com/etl/runner:*"], "registry.example.com/etl/runner-x:1", False),
+    (["registry.example.com/etl/runner:*"], "registry.example.com/etl/runner/sub:1", False),
+    (["registry.example.com/etl/runner:1.4"], "registry.example.com/etl/runner:1.4", True),
+    (["registry.example.com/etl/runner:1.4"], "registry.example.com/etl/runner:1.4@" + DIGEST, True),
+    (["registry.example.com/etl/runner:1.4"], "registry.example.com/etl/runner:1.40", False),
+    (["registry.example.com/etl/runner:1.4"], "registry.example.com/etl/runner", False),
+    (["registry.example.com/etl/runner@" + DIGEST], "registry.example.com/etl/runner@" + DIGEST, True),
+    (["registry.example.com/etl/runner@" + DIGEST], "registry.example.com/etl/runner@" + OTHER_DIGEST, False),
+    (["registry.example.com/etl/runner@" + DIGEST], "registry.example.com/etl/runner:1.4", False),
+    (["registry.example.com/etl/runner"], "registry.example.com/etl/runner", True),
+    (["registry.example.com/etl/runner"], "registry.example.com/etl/runner:latest", True),
+    (["registry.example.com/etl/runner"], "registry.example.com/etl/runner:1.4", False),
+    # Docker Hub normalisation on both sides.
+    (["debian:bookworm"], "docker.io/library/debian:bookworm", True),
+    (["docker.io/library/debian:*"], "debian:bookworm", True),
+    (["index.docker.io/library/debian:*"], "debian:bookworm", True),
+    (["library/*"], "debian:bookworm", True),
+    (["debian/*"], "debian:bookworm", False),
+    (["debian/*"], "debian/tools:1", True),
+    (["docker.io/*"], "quay.io/x:1", False),
+]
+
+#: Not image references: whitespace, control characters, wildcards elsewhere.
+INVALID_IMAGES = [
+    "registry.example.com/etl/x:1\n",
+    " registry.example.com/etl/x:1",
+    "registry.example.com/etl/x:1 ",
+    "registry.example.com/etl/x:1\x00",
+    "registry.example.com/etl/x\t:1",
+    "registry.example.com/etl/*",
+    "registry.example.com/ETL/x:1",
+    "registry.example.com/etl/x:",
+    "registry.example.com/etl/x@sha256:abc",
+    "registry.example.com//x",
+    "",
+]
+INVALID_PATTERNS = [
+    "registry.example.com/etl*",
+    "registry.example.com*",
+    "registry.example.com/*/x",
+    "*",
+    "registry.example.com/etl/x:1\n",
+    "registry.example.com/etl/ *",
+    "registry.example.com/etl/x:1*",
+]
 
 
-def test_debian_mirrors_from_deb822(tmp_path: Path) -> None:
-    src = tmp_path / "debian.sources"
-    src.write_text(
-        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
-        "Components: main\n\n"
-        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
-        "Components: main\n\n"
-        "Types: deb-src\nURIs: http://other.example/debian\nSuites: bookworm\n"
+@pytest.mark.parametrize(("allowed", "image", "expected"), CASES)
+def test_allow_list(allowed: list[str], image: str, expected: bool) -> None:
+    assert image_allowed(image, allowed) is expected
+
+
+@pytest.mark.parametrize("image", INVALID_IMAGES)
+def test_invalid_references_are_refused(image: str) -> None:
+    with pytest.raises(InvalidReference):
+        image_allowed(image, ["registry.example.com/*", "docker.io/*"])
+
+
+@pytest.mark.parametrize("pattern", INVALID_PATTERNS)
+def test_invalid_patterns_are_refused(pattern: str) -> None:
+    with pytest.raises(InvalidReference):
+        parse_pattern(pattern)
+
+
+def test_require_digest() -> None:
+    allowed = ["registry.example.com/etl/*"]
+    assert not image_allowed("registry.example.com/etl/x:1", allowed, require_digest=True)
+    assert image_allowed("registry.example.com/etl/x@" + DIGEST, allowed, require_digest=True)
+    assert image_allowed("registry.example.com/etl/x:1@" + DIGEST, allowed, require_digest=True)
+
+
+def test_parse_reference_normalises() -> None:
+    ref = parse_reference("debian:bookworm")
+    assert (ref.domain, ref.path, ref.tag, ref.digest) == ("docker.io", "library/debian", "bookworm", None)
+    assert str(parse_reference("Registry.Example.com:5000/a/b@" + DIGEST)) == (
+        "registry.example.com:5000/a/b@" + DIGEST
     )
-    assert images.debian_mirrors([src]) == (
-        "http://mirror.example/debian",
-        "http://mirror.example/debian-security",
-    )
 
 
-def test_debian_mirrors_from_one_line_format(tmp_path: Path) -> None:
-    src = tmp_path / "sources.list"
-    src.write_text(
-        "# comment\ndeb https://apt.example/x nodistro main\n"
-        "deb [signed-by=/k.gpg] http://m.example/debian bookworm main\n"
-    )
-    assert images.debian_mirrors([src]) == ("http://m.example/debian", None)
-
-
-def test_debian_mirror_defaults_when_none_configured(tmp_path: Path) -> None:
-    assert images.debian_mirrors([tmp_path / "missing.list"])[0] == "http://deb.debian.org/debian"
-
-
-def test_local_build_swaps_the_base_and_mounts_the_ca_only_when_given() -> None:
-    args = images.build_args(Path("/etc/ssl/certs/ca-certificates.crt"))
-    assert f"BASE_IMAGE={images.BASE_IMAGE}" in args
-    assert f"/etc/ssl/certs/ca-certificates.crt:{images.BUILD_CA_PATH}:ro" in args
-    assert f"PIP_CERT={images.BUILD_CA_PATH}" in args
-    bare = images.build_args(None)
-    assert not any("PIP_CERT" in a or a == "-v" for a in bare)
-
-
-def test_dockerfiles_are_standard_non_root_and_pinned() -> None:
-    for image in images.PROJECT_IMAGES:
-        text = (REPO / image.dockerfile).read_text()
-        base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
-        assert base and "@sha256:" in base.group(1), image.dockerfile
-        assert "USER 65532:65532" in text
-        # Nothing of the local build path leaks into the Dockerfile itself.
-        assert "localhost/" not in text.replace("localhost/debian-base:bookworm", "")
-        assert "ca-certificates.crt" not in text
-
-
-def test_sidecar_dockerfile_installs_no_extras_and_no_operator_code() -> None:
-    text = (REPO / "sidecar" / "Dockerfile").read_text()
-    assert "[operator]" not in text and "optional-dependencies" not in text
-    assert "COPY operator" not in text
-    assert "import kopf" in text  # the build itself proves kopf is absent
-
-
-def test_gateway_is_the_first_address_of_the_pod_subnet() -> None:
-    assert realnode.gateway_address("10.244.0.0/24") == "10.244.0.1"
+def test_the_crd_rule_is_the_same_expression() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    items = spec["properties"]["imagePolicy"]["properties"]["allowedImages"]["items"]
+    (rule,) = items["x-kubernetes-validations"]
+    assert rule["rule"] == f'self.matches(r"{ALLOWED_IMAGE_PATTERN}")'
+    # And the expression itself accepts exactly what parse_pattern accepts.
+    for allowed, _, _ in CASES:
+        assert re.fullmatch(ALLOWED_IMAGE_PATTERN, allowed[0])
+    for pattern in INVALID_PATTERNS:
+        assert not re.fullmatch(ALLOWED_IMAGE_PATTERN, pattern)

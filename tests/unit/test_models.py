@@ -8,6 +8,7 @@ import yaml
 from dptr_samples import task_object, task_runner_object
 from pydantic import BaseModel, ValidationError
 
+from dptr_common.images import image_allowed
 from dptr_common.models import (
     HeartbeatSpec,
     HistoryLimits,
@@ -17,7 +18,6 @@ from dptr_common.models import (
     TaskRunner,
     TaskRunnerSpec,
     TaskRunnerStatus,
-    image_allowed,
 )
 from dptr_common.task import parse_task
 
@@ -102,7 +102,9 @@ def test_task_runner_full_round_trip() -> None:
         ({"credentials": {"mode": "Magic"}}, "mode"),
         ({"credentials": {"mode": "Secret"}}, "secretRef"),
         ({"credentials": {"mode": "PodIdentity", "secretRef": {"name": "x"}}}, "secretRef"),
-        ({"imagePolicy": {"allowedImages": ["reg/*/x"]}}, "'*'"),
+        ({"imagePolicy": {"allowedImages": ["reg/*/x"]}}, "'/*' or ':*'"),
+        ({"imagePolicy": {"allowedImages": ["registry.example.com/etl*"]}}, "'/*' or ':*'"),
+        ({"imagePolicy": {"allowedImages": ["registry.example.com/etl/x\n"]}}, "'/*' or ':*'"),
         ({"jobTemplate": {}}, "image"),
     ],
 )
@@ -116,6 +118,7 @@ def test_image_allowed() -> None:
     allowed = ["registry.example.com/etl/*", "docker.io/library/python:3.12"]
     assert image_allowed("registry.example.com/etl/job:1.4", allowed)
     assert image_allowed("docker.io/library/python:3.12", allowed)
+    assert image_allowed("python:3.12", allowed)  # normalised as the runtimes do
     assert not image_allowed("docker.io/library/python:3.12-slim", allowed)
     assert not image_allowed("registry.example.com/etlx/job:1", allowed)
     assert not image_allowed("evil.example.com/registry.example.com/etl/x", allowed)
