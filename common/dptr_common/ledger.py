@@ -12,9 +12,14 @@ reported::
 The claim is a PUT to the status subresource carrying the ``resourceVersion`` just read,
 so of two claimers racing from the same state exactly one write succeeds; the other gets
 409 Conflict, re-reads, sees the claim and backs off.  A claim whose holder died before
-reporting (``claimedAt`` older than ``stale_after`` and no ``reportedAt``) is taken over.
-``stale_after`` must exceed the longest time a live holder may spend between its claim
-and :func:`mark_reported` (its SetTaskStatus retry deadline), or a slow holder and its
+reporting is taken over once it has stayed unchanged for ``stale_after`` seconds as the
+*observer* sees it (a :class:`StalenessObserver`, on the observer's own monotonic clock,
+as client-go's leader election judges a lease): ``claimedAt`` is the writer's clock, and
+nodes' clocks differ, so comparing it with the reader's clock would let ten minutes of
+skew take over a live claim.  A live holder refreshes its claim (:func:`revise_claim`)
+while it works, which restarts every observer's count.  ``stale_after`` must exceed the
+longest time a live holder may spend between refreshes or between its claim and
+:func:`mark_reported` (its SetTaskStatus retry deadline), or a slow holder and its
 successor could both report.
 
 A takeover reports the outcome the first holder claimed (the holder that saw the
@@ -31,7 +36,10 @@ drops a status field this module does not know about.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -40,18 +48,20 @@ from .errors import fit_api_string, fit_error_id
 from .kube import Conflict, KubeClient, pipelinetask_path
 
 if TYPE_CHECKING:
-    from .models import PipelineTaskStatus
+    pass
 
 __all__ = [
     "FINAL_PHASE",
+    "OBSERVER",
     "Claim",
     "ClaimDecision",
     "LedgerConflictError",
     "ReportStatus",
+    "StalenessObserver",
+    "claim_fingerprint",
     "claim_report",
     "decide_claim",
     "format_time",
-    "heartbeat_is_stale",
     "heartbeat_status",
     "mark_canceled",
     "mark_reported",
@@ -119,6 +129,48 @@ def parse_time(value: str | datetime | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# --------------------------------------------------------------------------- staleness
+
+
+class StalenessObserver:
+    """How long *this process* has seen a value unchanged, on its own monotonic clock.
+
+    ``unchanged_for(key, value)`` returns 0 the first time a value is seen for ``key``
+    (or when it differs from the last one seen) and afterwards the time since.  This is
+    how client-go's leader election judges a lease: never by comparing a timestamp the
+    writer put in the object with the reader's wall clock, which clock skew between
+    nodes would make wrong in either direction.  After a restart every value starts at
+    0 again: a takeover waits one full ``stale_after`` more, never less.  Thread-safe;
+    remembers at most ``limit`` keys (the oldest go first).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, limit: int = 100_000) -> None:
+        self._clock = clock
+        self._limit = limit
+        self._seen: OrderedDict[Hashable, tuple[Hashable, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def unchanged_for(self, key: Hashable, value: Hashable) -> float:
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None or seen[0] != value:
+                self._seen[key] = (value, now)
+                self._seen.move_to_end(key)
+                while len(self._seen) > self._limit:
+                    self._seen.popitem(last=False)
+                return 0.0
+            return now - seen[1]
+
+    def forget(self, key: Hashable) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+
+
+#: The process's observer of report claims (the operator and the sidecar each have one).
+OBSERVER = StalenessObserver()
+
+
 # --------------------------------------------------------------------------- decisions (pure)
 
 
@@ -159,8 +211,17 @@ def is_canceled(status: Mapping[str, Any]) -> bool:
     return status.get("phase") == "Canceled" or bool(_section(status, "canceled").get("at"))
 
 
-def decide_claim(status: Mapping[str, Any], holder: str, now: datetime, stale_after: float) -> ClaimDecision:
-    """What ``holder`` may do with the report, given the PipelineTask ``status`` as read."""
+def claim_fingerprint(status: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What identifies one version of a claim: any refresh or change makes a new one."""
+    report = _section(status, "report")
+    return (report.get("claimedBy"), report.get("claimedAt"), report.get("status"))
+
+
+def decide_claim(
+    status: Mapping[str, Any], holder: str, *, unchanged_for: float, stale_after: float
+) -> ClaimDecision:
+    """What ``holder`` may do with the report, given the PipelineTask ``status`` as read and
+    how long the observer has seen its current claim unchanged (:class:`StalenessObserver`)."""
     report = _section(status, "report")
     if report.get("reportedAt"):
         return ClaimDecision("refuse", f"already reported by {report.get('reportedBy') or 'someone'}")
@@ -171,31 +232,14 @@ def decide_claim(status: Mapping[str, Any], holder: str, now: datetime, stale_af
         return ClaimDecision("claim", "no claim yet")
     if claimed_by == holder:
         return ClaimDecision("own", "we hold the claim already")
-    claimed_at = parse_time(report.get("claimedAt"))
-    age = (now - claimed_at).total_seconds() if claimed_at else None
-    if age is None or age >= stale_after:
-        shown = "unknown age" if age is None else f"{age:.1f}s old"
-        return ClaimDecision("take_over", f"the claim by {claimed_by} is stale ({shown}) and unreported")
-    return ClaimDecision("refuse", f"claimed by {claimed_by} {age:.1f}s ago")
-
-
-def heartbeat_is_stale(
-    status: Mapping[str, Any] | PipelineTaskStatus | None, now: datetime, max_age: float
-) -> bool:
-    """True when the last recorded heartbeat is older than ``max_age`` seconds (or there
-    is none).  Accepts the raw status dict or the pydantic :class:`PipelineTaskStatus`."""
-    last: datetime | None
-    if status is None:
-        return True
-    if isinstance(status, Mapping):
-        last = parse_time(_section(status, "heartbeat").get("lastAt"))
-    else:
-        last = parse_time(status.heartbeat.last_at if status.heartbeat else None)
-    if last is None:
-        return True
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    return (now - last).total_seconds() > max_age
+    if unchanged_for >= stale_after:
+        return ClaimDecision(
+            "take_over",
+            f"the claim by {claimed_by} is unreported and unchanged for {unchanged_for:.1f}s as seen here",
+        )
+    return ClaimDecision(
+        "refuse", f"claimed by {claimed_by} (unchanged for {unchanged_for:.1f}s as seen here)"
+    )
 
 
 # --------------------------------------------------------------------------- writes
@@ -242,22 +286,27 @@ def claim_report(
     error_message: str | None = None,
     stale_after: float,
     clock: Callable[[], datetime] = _utcnow,
+    observer: StalenessObserver | None = None,
 ) -> Claim | None:
     """Claim the right to call SetTaskStatus for this PipelineTask.
 
     Returns the :class:`Claim` when ``holder`` owns the report (fresh, taken over from a
-    stale holder, or already ours), and None when someone else holds a live claim, the
-    outcome is already reported, or the task is canceled.  On a takeover the previous
-    holder's outcome is kept.  Raises ``NotFound`` if the PipelineTask is gone and
-    :class:`LedgerConflictError` if the object never stops changing.
+    holder whose claim ``observer`` (default :data:`OBSERVER`) has seen unchanged for
+    ``stale_after`` seconds, or already ours), and None when someone else holds a live
+    claim, the outcome is already reported, or the task is canceled.  On a takeover the
+    previous holder's outcome is kept.  ``clock`` only stamps ``claimedAt`` (for people
+    and ``kubectl``); no decision reads it.  Raises ``NotFound`` if the PipelineTask is
+    gone and :class:`LedgerConflictError` if the object never stops changing.
     """
+    seen = OBSERVER if observer is None else observer
     if status not in FINAL_PHASE:
         raise ValueError(f"status must be FINISHED, FAILED or FALSE, not {status!r}")
 
     def decide(obj: dict[str, Any]) -> tuple[bool, tuple[ClaimDecision, dict[str, Any]]]:
         st = obj["status"]
         now = clock()
-        decision = decide_claim(st, holder, now, stale_after)
+        age = seen.unchanged_for((namespace, name), claim_fingerprint(st))
+        decision = decide_claim(st, holder, unchanged_for=age, stale_after=stale_after)
         report = dict(_section(st, "report"))
         if decision.action in ("claim", "take_over"):
             previous = report.get("claimedBy") if decision.action == "take_over" else None

@@ -136,6 +136,7 @@ def dispatch(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any]) -> None
         job_name=job_name,
         acknowledged=entry.acknowledged or acked_at is not None,
         heartbeat_last_at=acked_at or entry.heartbeat_last_at,
+        heartbeat_seen=time.monotonic() if acked_at else entry.heartbeat_seen,
     )
     # Off the poller: the record is not needed to go on (a restarted operator finds the
     # Job by name and one more ack is harmless), and it is a third of a dispatch's time.

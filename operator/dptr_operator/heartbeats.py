@@ -72,6 +72,14 @@ class _Drain(NamedTuple):
     runner_key: TaskKey
 
 
+def _seen_age(entry: TaskEntry) -> float:
+    """Seconds since this operator saw the task's heartbeat time change (its own monotonic
+    clock: the sidecar's timestamp is another node's clock)."""
+    if entry.heartbeat_seen is None:
+        entry.heartbeat_seen = time.monotonic()
+    return time.monotonic() - entry.heartbeat_seen
+
+
 def sidecar_stale_after(interval: float) -> float:
     """Sidecar heartbeats older than this are stale: 1.5 intervals, so with an interval of
     at most a third of reportProgressTimeout the operator is back within half of it."""
@@ -133,10 +141,10 @@ class HeartbeatScheduler:
         if last is None:
             self.schedule(entry.key, random.random() * interval)
             return
-        age = (datetime.now(UTC) - last).total_seconds()
         if entry.heartbeat_owner == "sidecar":
-            self.schedule(entry.key, max(sidecar_stale_after(interval) - age, 0) + 0.01)
+            self.schedule(entry.key, max(sidecar_stale_after(interval) - _seen_age(entry), 0) + 0.01)
         else:
+            age = (datetime.now(UTC) - last).total_seconds()  # our own clock wrote it
             self.schedule(entry.key, max(interval - age, 0) * random.uniform(0.9, 1.0))
 
     def _run(self) -> None:
@@ -220,7 +228,7 @@ class HeartbeatScheduler:
             return True
         interval = self.op.interval_for(entry)
         if entry.heartbeat_owner == "sidecar" and entry.heartbeat_last_at is not None:
-            age = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds()
+            age = _seen_age(entry)
             stale = sidecar_stale_after(interval)
             if age < stale:
                 self.schedule(key, stale - age + 0.01)
@@ -310,5 +318,7 @@ class HeartbeatScheduler:
             return
         except ApiError as exc:
             log.warning("%s/%s: recording the heartbeat failed: %s", entry.namespace, entry.name, exc)
-        self.op.index.update(key, heartbeat_last_at=now, heartbeat_owner="operator")
+        self.op.index.update(
+            key, heartbeat_last_at=now, heartbeat_seen=time.monotonic(), heartbeat_owner="operator"
+        )
         self.schedule(key, jittered(interval, fraction=0.1))

@@ -9,6 +9,7 @@ cached copy of whole objects.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +41,9 @@ class TaskEntry:
     acknowledged: bool = False
     heartbeat_owner: str = "operator"
     heartbeat_last_at: datetime | None = None
+    #: When this process saw ``heartbeat_last_at`` change (its monotonic clock): staleness
+    #: is judged on it, never on the writer's timestamp (clocks of nodes differ).
+    heartbeat_seen: float | None = None
     report_claimed_by: str | None = None
     reported: bool = False
     canceled: bool = False
@@ -92,6 +96,7 @@ class TaskEntry:
             acknowledged=bool(status.get("acknowledgedAt")),
             heartbeat_owner=str(heartbeat.get("owner") or "operator"),
             heartbeat_last_at=parse_time(heartbeat.get("lastAt")),
+            heartbeat_seen=time.monotonic() if heartbeat.get("lastAt") else None,
             report_claimed_by=report.get("claimedBy"),
             reported=bool(report.get("reportedAt")),
             canceled=bool(canceled.get("at")) or status.get("phase") == "Canceled",
@@ -102,6 +107,14 @@ class TaskEntry:
 
     def absorb(self, newer: TaskEntry) -> None:
         """Take the persisted fields of a newer read of the same object; keep ours."""
+        # Our own heartbeat time may be ahead of the watch (written after the event's
+        # read): comparable only with our own earlier one.  Another writer's is simply
+        # new when it differs, whatever its clock says.
+        ours = self.heartbeat_owner == "operator" and newer.heartbeat_owner == "operator"
+        last, new = self.heartbeat_last_at, newer.heartbeat_last_at
+        if new is not None and new != last and (not ours or last is None or new > last):
+            self.heartbeat_last_at = new
+            self.heartbeat_seen = newer.heartbeat_seen
         for name in (
             "phase",
             "job_name",
@@ -115,11 +128,6 @@ class TaskEntry:
             "uid",
         ):
             setattr(self, name, getattr(newer, name))
-        # A heartbeat time never goes back (our own write may be ahead of the watch).
-        if newer.heartbeat_last_at and (
-            self.heartbeat_last_at is None or newer.heartbeat_last_at > self.heartbeat_last_at
-        ):
-            self.heartbeat_last_at = newer.heartbeat_last_at
 
 
 class TaskIndex:

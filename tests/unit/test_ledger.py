@@ -8,9 +8,10 @@ import pytest
 
 from dptr_common.ledger import (
     FINAL_PHASE,
+    StalenessObserver,
+    claim_fingerprint,
     decide_claim,
     format_time,
-    heartbeat_is_stale,
     operator_holder,
     parse_time,
     sidecar_holder,
@@ -43,41 +44,44 @@ def test_time_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "action"),
+    ("status", "unchanged_for", "action"),
     [
-        ({}, "claim"),
-        ({"phase": "Running", "report": {}}, "claim"),
-        ({"report": {"claimedBy": ME, "claimedAt": at(1000)}}, "own"),
-        ({"report": {"claimedBy": OTHER, "claimedAt": at(5)}}, "refuse"),
-        ({"report": {"claimedBy": OTHER, "claimedAt": at(60)}}, "take_over"),
-        ({"report": {"claimedBy": OTHER}}, "take_over"),  # no claimedAt: age unknown, so stale
-        ({"report": {"claimedBy": OTHER, "claimedAt": at(600), "reportedAt": at(590)}}, "refuse"),
-        ({"report": {"claimedBy": ME, "claimedAt": at(5), "reportedAt": at(1)}}, "refuse"),
-        ({"phase": "Canceled"}, "refuse"),
-        ({"canceled": {"at": at(3), "by": "sidecar/x", "reason": "canceled"}}, "refuse"),
-        ({"phase": "Lost"}, "claim"),
+        ({}, 0, "claim"),
+        ({"phase": "Running", "report": {}}, 0, "claim"),
+        ({"report": {"claimedBy": ME, "claimedAt": at(1000)}}, 1000, "own"),
+        ({"report": {"claimedBy": OTHER, "claimedAt": at(5)}}, 5, "refuse"),
+        ({"report": {"claimedBy": OTHER, "claimedAt": at(60)}}, 60, "take_over"),
+        # The writer's claimedAt decides nothing: only what this observer saw.
+        ({"report": {"claimedBy": OTHER, "claimedAt": at(86400)}}, 0, "refuse"),
+        ({"report": {"claimedBy": OTHER, "claimedAt": at(-86400)}}, 31, "take_over"),
+        ({"report": {"claimedBy": OTHER}}, 0, "refuse"),
+        ({"report": {"claimedBy": OTHER, "claimedAt": at(600), "reportedAt": at(590)}}, 600, "refuse"),
+        ({"report": {"claimedBy": ME, "claimedAt": at(5), "reportedAt": at(1)}}, 5, "refuse"),
+        ({"phase": "Canceled"}, 0, "refuse"),
+        ({"canceled": {"at": at(3), "by": "sidecar/x", "reason": "canceled"}}, 0, "refuse"),
+        ({"phase": "Lost"}, 0, "claim"),
     ],
 )
-def test_decide_claim(status: dict, action: str) -> None:
-    decision = decide_claim(status, ME, NOW, stale_after=30)
+def test_decide_claim(status: dict, unchanged_for: float, action: str) -> None:
+    decision = decide_claim(status, ME, unchanged_for=unchanged_for, stale_after=30)
     assert decision.action == action, decision.why
     assert decision.why
 
 
-def test_heartbeat_is_stale() -> None:
-    assert heartbeat_is_stale({}, NOW, 60)
-    assert heartbeat_is_stale(None, NOW, 60)
-    assert not heartbeat_is_stale({"heartbeat": {"lastAt": at(59)}}, NOW, 60)
-    assert heartbeat_is_stale({"heartbeat": {"lastAt": at(61)}}, NOW, 60)
-    assert not heartbeat_is_stale({"heartbeat": {"lastAt": at(1)}}, NOW.replace(tzinfo=None), 60)
-
-
-def test_heartbeat_is_stale_on_the_model() -> None:
-    models = pytest.importorskip("dptr_common.models")
-    status = models.PipelineTaskStatus.model_validate({"heartbeat": {"lastAt": at(10), "owner": "sidecar"}})
-    assert not heartbeat_is_stale(status, NOW, 60)
-    assert heartbeat_is_stale(status, NOW, 5)
-    assert heartbeat_is_stale(models.PipelineTaskStatus(), NOW, 5)
+def test_staleness_observer_counts_on_its_own_clock() -> None:
+    now = [100.0]
+    observer = StalenessObserver(clock=lambda: now[0], limit=2)
+    claim = {"report": {"claimedBy": OTHER, "claimedAt": at(0), "status": "FINISHED"}}
+    assert observer.unchanged_for("a", claim_fingerprint(claim)) == 0
+    now[0] += 7
+    assert observer.unchanged_for("a", claim_fingerprint(claim)) == 7
+    refreshed = {"report": {**claim["report"], "claimedAt": at(-1)}}
+    assert observer.unchanged_for("a", claim_fingerprint(refreshed)) == 0  # a refresh restarts it
+    now[0] += 1
+    assert observer.unchanged_for("a", claim_fingerprint(refreshed)) == 1
+    observer.unchanged_for("b", 1)
+    observer.unchanged_for("c", 1)  # beyond the limit: "a" is forgotten
+    assert observer.unchanged_for("a", claim_fingerprint(refreshed)) == 0
 
 
 def test_final_phase() -> None:
