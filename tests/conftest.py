@@ -28,7 +28,7 @@ import pytest
 from dptr_datapipeline import LocalDataPipeline
 from dptr_sidecar.s3 import S3Client
 from dptr_testbed.controlplane import RunningTestbed
-from dptr_testbed.installs import install_crds
+from dptr_testbed.installs import install_crds, install_sidecar_admission_policy
 
 
 def _shared_root(factory: pytest.TempPathFactory, config: pytest.Config) -> Path:
@@ -116,8 +116,11 @@ def namespace(testbed: RunningTestbed, request: pytest.FixtureRequest) -> Iterat
 
 @pytest.fixture(scope="session")
 def crds(testbed: RunningTestbed) -> RunningTestbed:
-    """The dptr CRDs installed (idempotently: every xdist worker may apply them)."""
+    """The dptr CRDs installed (idempotently: every xdist worker may apply them), with the
+    chart's admission policy for the sidecar's account, so every sidecar in the suite
+    works under it."""
     install_crds(testbed)
+    install_sidecar_admission_policy(testbed)
     return testbed
 
 

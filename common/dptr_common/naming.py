@@ -35,6 +35,7 @@ __all__ = [
     "LABEL_TASK_RUNNER",
     "MANAGED_BY",
     "MAX_NAME_LENGTH",
+    "MAX_TASK_NAME_LENGTH",
     "is_dns1123_label",
     "is_label_value",
     "job_name",
@@ -62,6 +63,12 @@ ANNOTATION_OBJECT_TYPE = f"{DOMAIN}/object-type"
 
 #: DNS-1123 label limit; also what a Job's name must respect so its pods' labels fit.
 MAX_NAME_LENGTH = 63
+#: PipelineTask and Job names stay this short, so that every pod the Job controller
+#: creates is named exactly ``<job>-<5 random characters>``: the API server cuts a
+#: generateName base to 58 characters.  The sidecar's admission policy relies on it to
+#: tie a pod-bound token to its own Job and PipelineTask (charts/dptr/templates/
+#: sidecar-admission-policy.yaml).
+MAX_TASK_NAME_LENGTH = 57
 _HASH_LENGTH = 10  # 50 bits of base32: a collision needs ~2**25 attempts in one namespace
 _PREFIX = "dptr-"
 
@@ -88,13 +95,14 @@ def _readable(text: str) -> str:
 
 
 def pipeline_task_name(pipeline_id: str, attempt_id: str) -> str:
-    """``dptr-<readable attempt>-<hash>``: a DNS-1123 label of at most 63 characters.
+    """``dptr-<readable attempt>-<hash>``: a DNS-1123 label of at most 57 characters
+    (:data:`MAX_TASK_NAME_LENGTH`).
 
     The readable part (the head of the attempt id, usually the activity's name) is for
     people; the hash of (pipelineId, attemptId) is what makes distinct attempts distinct.
     """
     suffix = "-" + short_hash(pipeline_id, attempt_id)
-    room = MAX_NAME_LENGTH - len(_PREFIX) - len(suffix)
+    room = MAX_TASK_NAME_LENGTH - len(_PREFIX) - len(suffix)
     readable = _readable(attempt_id)[:room].strip("-")
     return f"{_PREFIX}{readable}{suffix}" if readable else f"{_PREFIX}{suffix[1:]}"
 

@@ -114,6 +114,7 @@ def _install(bed: Any, service: Any) -> None:
     from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY
 
     installs.install_crds(bed)
+    installs.install_sidecar_admission_policy(bed)
     bed.kubectl("create", "namespace", NAMESPACE)
     bed.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     # The sidecar's RBAC, from the chart's single source of its rules.

@@ -3,16 +3,19 @@
 The demo, the tests and the benchmarks install dptr's CRDs and put the sidecar's
 ServiceAccount, Role and RoleBinding into a task namespace themselves; they all take
 them from here: the CRDs from charts/dptr/crds, the rules from the chart's single source
-(charts/dptr/files/sidecar-role.yaml).
+(charts/dptr/files/sidecar-role.yaml), the sidecar's admission policy from the chart's
+own template (rendered with ``helm template``).
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO / "charts" / "dptr" / "crds"
+CHART = REPO / "charts" / "dptr"
+CRD_DIR = CHART / "crds"
 SIDECAR_RULES = REPO / "charts" / "dptr" / "files" / "sidecar-role.yaml"
 SIDECAR_ACCOUNT = "dptr-sidecar"
 
@@ -61,3 +64,22 @@ def sidecar_rbac(namespace: str, account: str = SIDECAR_ACCOUNT) -> list[dict[st
             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
         },
     ]
+
+
+def sidecar_admission_policy() -> str:
+    """The chart's ValidatingAdmissionPolicy and its binding for the sidecar's account
+    (release ``dptr``), as YAML, rendered by the bed's own helm."""
+    from dptr_testbed import binaries
+
+    helm = binaries.Binaries(binaries.bin_dir()).helm
+    return subprocess.run(
+        [str(helm), "template", "dptr", str(CHART), "--show-only", "templates/sidecar-admission-policy.yaml"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def install_sidecar_admission_policy(bed: _Kubectl) -> None:
+    """Apply the sidecar's admission policy (cluster-scoped; idempotent)."""
+    bed.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=sidecar_admission_policy())

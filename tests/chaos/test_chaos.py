@@ -50,7 +50,7 @@ import pytest
 from dptr_common.kube import KubeClient, job_path, pipelinetask_path
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
 from dptr_testbed import controlplane
-from dptr_testbed.installs import install_crds, sidecar_rbac
+from dptr_testbed.installs import install_crds, install_sidecar_admission_policy, sidecar_rbac
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -166,6 +166,7 @@ def bed(tmp_path: Path) -> Iterator[controlplane.Testbed]:
 
 def _install(bed: controlplane.Testbed, kube: KubeClient, datapipeline: LocalDataPipeline) -> None:
     install_crds(bed)
+    install_sidecar_admission_policy(bed)
     bed.kubectl("create", "namespace", NAMESPACE)
     objects: list[dict[str, Any]] = [
         *sidecar_rbac(NAMESPACE),

@@ -161,7 +161,7 @@ def test_watched_namespaces_and_credentials_secret(helm: Helm) -> None:
         "resourceNames": ["dp-creds"],
         "verbs": ["get"],
     }
-    role = _one([d for d in docs if d["metadata"]["namespace"] == NS_A], "Role", "rel-dptr")
+    role = _one([d for d in docs if d["metadata"].get("namespace") == NS_A], "Role", "rel-dptr")
     assert role["rules"] == [*rules_file("operator-rules.yaml"), secret_rule]
     args = _container(docs)["args"]
     assert f"--namespace={NS_A}" in args and f"--namespace={NS_B}" in args
@@ -268,4 +268,26 @@ def test_manifests_match_the_chart(helm: Helm) -> None:
     )
     assert proc.returncode == 0, (
         "manifests/ drifted from the chart; run scripts/generate-manifests.py\n" + proc.stdout[-4000:]
+    )
+
+
+def test_sidecar_admission_policy(helm: Helm) -> None:
+    docs = helm.render(release="rel", values=VALUE_SETS["namespaced"]("dptr-system", NS_A, NS_B))
+    policy = _one(docs, "ValidatingAdmissionPolicy", "rel-dptr-sidecar-own-task")
+    binding = _one(docs, "ValidatingAdmissionPolicyBinding", "rel-dptr-sidecar-own-task")
+    assert binding["spec"] == {"policyName": "rel-dptr-sidecar-own-task", "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    (condition,) = policy["spec"]["matchConditions"]
+    assert "['dptr-sidecar']" in condition["expression"]
+    more = helm.render(
+        release="rel",
+        values={"sidecar": {"admissionPolicy": {"extraServiceAccountNames": ["etl-tasks"]}}},
+    )
+    (condition,) = _one(more, "ValidatingAdmissionPolicy", "rel-dptr-sidecar-own-task")["spec"][
+        "matchConditions"
+    ]
+    assert "['dptr-sidecar','etl-tasks']" in condition["expression"]
+    off = helm.render(release="rel", values={"sidecar": {"admissionPolicy": {"enabled": False}}})
+    assert not _by_kind(off, "ValidatingAdmissionPolicy") and not _by_kind(
+        off, "ValidatingAdmissionPolicyBinding"
     )

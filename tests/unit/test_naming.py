@@ -33,7 +33,8 @@ def test_long_and_odd_attempt_ids() -> None:
     other = long_id[:-1] + "2"  # differs only beyond the readable cut
     a, b = naming.pipeline_task_name("df-1", long_id), naming.pipeline_task_name("df-1", other)
     assert a != b
-    assert len(a) == len(b) == 63
+    # At most 57: the Job's pods are named <job>-<5 characters> with nothing cut.
+    assert len(a) == len(b) == naming.MAX_TASK_NAME_LENGTH == 57
     for odd in ["@@@", "_", "日本語のアクティビティ", "-x-", "\udcff"]:
         name = naming.pipeline_task_name("df-1", odd)
         assert naming.is_dns1123_label(name), name
