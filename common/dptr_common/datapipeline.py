@@ -24,9 +24,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
+from .awsauth import AssumedRole, StaticCredentials, make_session
 from .errors import fit_api_string, fit_error_id
 from .pacing import full_jitter_delay
 
@@ -294,38 +294,6 @@ def call_with_retry(
 # --------------------------------------------------------------------------- client
 
 
-@dataclass(frozen=True)
-class StaticCredentials:
-    """Explicit credentials (e.g. from a Secret)."""
-
-    access_key_id: str
-    secret_access_key: str
-    session_token: str | None = None
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"StaticCredentials(access_key_id={self.access_key_id!r}, secret_access_key='***')"
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, str]) -> StaticCredentials:
-        """From ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` keys
-        (a Secret's data, decoded) or their snake_case forms."""
-
-        def pick(*keys: str) -> str | None:
-            for key in keys:
-                if data.get(key):
-                    return data[key]
-            return None
-
-        access = pick("AWS_ACCESS_KEY_ID", "aws_access_key_id", "access_key_id", "accessKeyId")
-        secret = pick(
-            "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "secret_access_key", "secretAccessKey"
-        )
-        if not access or not secret:
-            raise CredentialsError("the credentials need an access key id and a secret access key")
-        token = pick("AWS_SESSION_TOKEN", "aws_session_token", "session_token", "sessionToken")
-        return cls(access, secret, token)
-
-
 class DataPipelineClient:
     """The task-runner half of the Data Pipeline API, with dptr's error classes.
 
@@ -340,6 +308,7 @@ class DataPipelineClient:
         endpoint_url: str | None = None,
         credentials: StaticCredentials | None = None,
         *,
+        role: AssumedRole | None = None,
         instance_metadata: bool = False,
         poll_read_timeout: float = POLL_READ_TIMEOUT,
         read_timeout: float = CALL_READ_TIMEOUT,
@@ -347,16 +316,14 @@ class DataPipelineClient:
         max_pool_connections: int = 10,
         user_agent_extra: str = "dptr",
     ) -> None:
-        import botocore.session
         from botocore.config import Config
 
         self.region = region
         self.endpoint_url = endpoint_url or None
-        self._session = botocore.session.get_session()
-        if credentials is None and not instance_metadata:
-            resolver = self._session.get_component("credential_provider")
-            resolver.remove("iam-role")
-        self._credentials = credentials
+        self.role = role
+        # The session owns the credentials (keys, the pod's chain, or a role assumed on
+        # top of either, refreshed by botocore before it expires).
+        self._session = make_session(credentials, role, region=region, instance_metadata=instance_metadata)
         self._config_args: dict[str, Any] = {
             "region_name": region,
             "connect_timeout": connect_timeout,
@@ -373,15 +340,8 @@ class DataPipelineClient:
 
     def _make_client(self, read_timeout: float) -> Any:
         config = self._config_cls(read_timeout=read_timeout, **self._config_args)
-        creds: dict[str, Any] = {}
-        if self._credentials is not None:
-            creds = {
-                "aws_access_key_id": self._credentials.access_key_id,
-                "aws_secret_access_key": self._credentials.secret_access_key,
-                "aws_session_token": self._credentials.session_token,
-            }
         return self._session.create_client(
-            "datapipeline", region_name=self.region, endpoint_url=self.endpoint_url, config=config, **creds
+            "datapipeline", region_name=self.region, endpoint_url=self.endpoint_url, config=config
         )
 
     def _call(self, operation: str, method: str, client: Any = None, **params: Any) -> dict[str, Any]:

@@ -127,6 +127,10 @@ def _owner_reference(api_version: str, kind: str, meta: ObjectMeta) -> dict[str,
 # --------------------------------------------------------------------------- TaskRunner
 
 
+#: An IAM role ARN, as AssumeRole takes it (the CRD's pattern too).
+ROLE_ARN_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$"
+
+
 class SecretRef(CamelModel):
     """A Secret in the TaskRunner's namespace holding static AWS keys."""
 
@@ -140,6 +144,8 @@ class Credentials(CamelModel):
 
     mode: Literal["Secret", "PodIdentity"] = "PodIdentity"
     secret_ref: SecretRef | None = None
+    #: An IAM role to assume (from the credentials above) for every call of this runner.
+    role_arn: str | None = Field(default=None, pattern=ROLE_ARN_PATTERN, max_length=2048)
 
     @model_validator(mode="after")
     def _secret_ref_iff_secret_mode(self) -> Self:

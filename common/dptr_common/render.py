@@ -41,6 +41,7 @@ import re
 from typing import Any
 
 from dptr_common import naming
+from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
 from dptr_common.errors import TaskError
 from dptr_common.images import InvalidReference
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, TaskRunner
@@ -116,6 +117,19 @@ def _pod_security() -> dict[str, Any]:
 
 def _field_env(name: str, field_path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
+
+
+def _role_env(runner: TaskRunner, who: str) -> list[dict[str, Any]]:
+    """The TaskRunner's IAM role, which dptr's containers assume on top of their
+    credentials (dptr_common.awsauth): session ``dptr-<who>-<namespace>-<name>``."""
+    arn = runner.spec.credentials.role_arn
+    if arn is None:
+        return []
+    namespace = str(runner.metadata.namespace)
+    role = AssumedRole(
+        arn, session_name_for(namespace, runner.metadata.name, who), external_id_for(namespace)
+    )
+    return [_env(name, value) for name, value in role.to_env().items()]
 
 
 def _credential_env(runner: TaskRunner) -> list[dict[str, Any]]:
@@ -223,7 +237,7 @@ def _task_env(task: Task, runner: TaskRunner) -> list[dict[str, Any]]:
         ours.append(_env("DPTR_REGION", runner.spec.region))
         if runner.spec.endpoint_url:
             ours.append(_env("DPTR_ENDPOINT_URL", runner.spec.endpoint_url))
-        ours += _credential_env(runner)  # last: see podspec.set_env
+        ours += [*_role_env(runner, "task"), *_credential_env(runner)]  # keys last: podspec.set_env
     # The template's env comes first (it may be referenced as $(VAR)), minus names we set.
     taken = {e["name"] for e in ours}
     return [e for e in runner.spec.job_template.env if e.get("name") not in taken] + ours
@@ -246,6 +260,7 @@ def _sidecar(task: Task, runner: TaskRunner, image: str, pipeline_task: str) -> 
         _env("DPTR_OBJECT_TYPE", task.object_type),
         _env("PYTHONUNBUFFERED", "1"),
         _env("PYTHONDONTWRITEBYTECODE", "1"),
+        *_role_env(runner, "sidecar"),
         *_credential_env(runner),
     ]
     return {
@@ -273,7 +288,7 @@ def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
     ]
     if runner.spec.s3_endpoint_url:
         env.append(_env("AWS_ENDPOINT_URL_S3", runner.spec.s3_endpoint_url))
-    env += _credential_env(runner)
+    env += [*_role_env(runner, "sidecar"), *_credential_env(runner)]
     return {
         "name": FETCH_CONTAINER,
         "image": image,

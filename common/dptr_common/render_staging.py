@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from dptr_common.awsauth import AssumedRole
 from dptr_common.models import TaskRunner
 from dptr_common.podspec import (
     CREDENTIAL_VARS,
@@ -112,7 +113,9 @@ def _logs_wanted(task: Task) -> bool:
 def _stage_in_container(
     plan: StagingPlan, runner: TaskRunner, sidecar: dict[str, Any], s3_env: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    credentials = [e for e in sidecar.get("env", []) if e.get("name") in CREDENTIAL_VARS]
+    # The sidecar's AWS identity: its keys, and the TaskRunner's role to assume on top.
+    identity = CREDENTIAL_VARS | set(AssumedRole.ENV)
+    credentials = [e for e in sidecar.get("env", []) if e.get("name") in identity]
     env = [
         _env("DPTR_STAGING_PLAN", plan.to_json()),
         _env("DPTR_STAGING_ROOT", STAGING_ROOT),

@@ -80,3 +80,10 @@ class IncompleteSignatureException(ServiceError):
 class UnrecognizedClientException(ServiceError):
     code = "UnrecognizedClientException"
     status = 403
+
+
+class AccessDeniedException(ServiceError):
+    """An IAM policy refused the call (e.g. the ``datapipeline:workerGroup`` condition)."""
+
+    code = "AccessDeniedException"
+    status = 400

@@ -40,6 +40,9 @@ class CallRecord:
     task_id: str | None = None
     pipeline_id: str | None = None
     request: dict[str, Any] | None = None
+    #: The caller's identity: ``arn:aws:iam::<account>:user/...`` for a static key, the
+    #: ``arn:aws:sts::<account>:assumed-role/<role>/<session>`` of an STS session.
+    principal: str | None = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from dptr_datapipeline.engine import Engine
 from dptr_datapipeline.errors import (
+    AccessDeniedException,
     IncompleteSignatureException,
     InternalServiceError,
     MissingAuthenticationTokenException,
@@ -50,6 +51,67 @@ DEFAULT_QUOTAS: dict[str, float] = {
 QUOTA_BURST = 100.0
 
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+#: The account every principal of the local service belongs to (moto's default too).
+ACCOUNT_ID = "123456789012"
+_ASSUMED_ROLE = re.compile(r"^arn:aws:sts::(\d{12}):assumed-role/([^/]+)/(.+)$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a call, as IAM would name them."""
+
+    access_key: str
+    arn: str
+
+    @property
+    def role_arn(self) -> str | None:
+        """``arn:aws:iam::<account>:role/<name>`` for an assumed-role session."""
+        match = _ASSUMED_ROLE.match(self.arn)
+        return f"arn:aws:iam::{match.group(1)}:role/{match.group(2)}" if match else None
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$", re.DOTALL)
+
+
+class StsIdentities:
+    """Resolves access keys that STS issued (AssumeRole, AssumeRoleWithWebIdentity) to
+    their assumed-role ARN, by asking that STS (moto's, in tests) ``GetCallerIdentity``
+    as the caller: a stand-in for AWS's own resolution of session credentials.  Only
+    assumed-role sessions count; anything else is an unknown key."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._cache: dict[str, str | None] = {}
+        self._lock = threading.Lock()
+
+    def arn(self, access_key: str) -> str | None:
+        with self._lock:
+            if access_key in self._cache:
+                return self._cache[access_key]
+        import botocore.session
+
+        client = botocore.session.get_session().create_client(
+            "sts",
+            region_name="us-east-1",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key="not-checked",
+            aws_session_token="not-checked",
+        )
+        try:
+            arn = str(client.get_caller_identity()["Arn"])
+        except Exception:
+            log.warning("STS could not resolve access key %s", access_key, exc_info=True)
+            return None
+        finally:
+            client.close()
+        resolved = arn if _ASSUMED_ROLE.match(arn) else None
+        with self._lock:
+            self._cache[access_key] = resolved
+        return resolved
+
+
 _CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
@@ -85,10 +147,20 @@ class Frontend:
         access_keys: Mapping[str, str],
         quotas: bool | Mapping[str, float],
         record_requests: bool = True,
+        *,
+        sts_endpoint: str | None = None,
+        worker_group_policy: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.engine = engine
         self.ledger = ledger
         self.access_keys = dict(access_keys)
+        self.sts = StsIdentities(sts_endpoint) if sts_endpoint else None
+        #: role ARN -> worker groups (``*`` globs) its PollForTask may name: what an IAM
+        #: policy with the ``datapipeline:workerGroup`` condition key allows.  Roles not
+        #: listed (and static keys) are not restricted.
+        self.worker_group_policy = {
+            arn: [_glob(p) for p in patterns] for arn, patterns in (worker_group_policy or {}).items()
+        }
         if quotas is True:
             self.quotas: dict[str, float] = dict(DEFAULT_QUOTAS)
         elif quotas is False:
@@ -136,13 +208,14 @@ class Frontend:
             else:
                 self.faults[operation] = fault
 
-    def _throttled(self, access_key: str, operation: str) -> bool:
+    def _throttled(self, operation: str) -> bool:
+        # The quotas are the account's, shared by every identity in it.
         rate = self.quotas.get(operation)
         if rate is None:
             return False
         now = time.monotonic()
         with self._lock:
-            key = (access_key, operation)
+            key = (ACCOUNT_ID, operation)
             bucket = self._buckets.get(key)
             if bucket is None:
                 # Quotas are rates, so they scale with time like every other
@@ -155,7 +228,7 @@ class Frontend:
         with self._lock:
             return self.faults.get(operation) or self.faults.get("*")
 
-    def authenticate(self, authorization: str | None) -> str:
+    def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise MissingAuthenticationTokenException("Missing Authentication Token")
         match = _CREDENTIAL.search(authorization)
@@ -165,9 +238,25 @@ class Frontend:
             )
         access_key = match.group(1)
         # Only the key id is checked; the signature is not verified (see docs).
-        if access_key not in self.access_keys:
+        if access_key in self.access_keys:
+            return Principal(access_key, f"arn:aws:iam::{ACCOUNT_ID}:user/dptr-local")
+        arn = self.sts.arn(access_key) if self.sts is not None else None
+        if arn is None:
             raise UnrecognizedClientException("The security token included in the request is invalid.")
-        return access_key
+        return Principal(access_key, arn)
+
+    def authorize(self, principal: Principal, operation: str, body: Any) -> None:
+        """IAM's part: the ``datapipeline:workerGroup`` condition on PollForTask (the one
+        task-runner action that key applies to)."""
+        role = principal.role_arn
+        if operation != "PollForTask" or role is None or role not in self.worker_group_policy:
+            return
+        group = body.get("workerGroup") if isinstance(body, dict) else None
+        if not any(p.match(str(group)) for p in self.worker_group_policy[role]):
+            raise AccessDeniedException(
+                f"User: {principal.arn} is not authorized to perform: datapipeline:PollForTask "
+                f"(workerGroup {group!r}) because no identity-based policy allows it"
+            )
 
     # -- one API call ---------------------------------------------------------
 
@@ -176,18 +265,19 @@ class Frontend:
         operation = (
             target.split(".", 1)[1] if target and target.startswith("DataPipeline.") else (target or "")
         )
-        access_key: str | None = None
+        principal: Principal | None = None
         body: Any = None
         status, error = 200, None
         try:
-            access_key = self.authenticate(authorization)
+            principal = self.authenticate(authorization)
             if operation not in self.operations:
                 raise UnknownOperationException(f"Unknown operation: {target}")
             try:
                 body = json.loads(raw or b"{}")
             except ValueError as exc:
                 raise SerializationException(f"Request body is not valid JSON: {exc}") from None
-            if self._throttled(access_key, operation):
+            self.authorize(principal, operation, body)
+            if self._throttled(operation):
                 raise ThrottlingException("Rate exceeded")
             fault = self._fault(operation)
             if fault is not None:
@@ -209,7 +299,8 @@ class Frontend:
             CallRecord(
                 at=wall,
                 operation=operation,
-                access_key=access_key,
+                access_key=principal.access_key if principal else None,
+                principal=principal.arn if principal else None,
                 status=status,
                 error=error,
                 duration=time.monotonic() - started,

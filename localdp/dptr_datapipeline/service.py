@@ -45,6 +45,8 @@ class LocalDataPipeline:
         port: int = 0,
         default_maximum_retries: int = DEFAULT_MAXIMUM_RETRIES,
         record_requests: bool = True,
+        sts_endpoint: str | None = None,
+        worker_group_policy: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.ledger = Ledger()
@@ -54,7 +56,15 @@ class LocalDataPipeline:
             if access_keys is not None
             else {DEFAULT_ACCESS_KEY_ID: DEFAULT_SECRET_ACCESS_KEY}
         )
-        self.frontend = Frontend(self.engine, self.ledger, keys, quotas, record_requests)
+        self.frontend = Frontend(
+            self.engine,
+            self.ledger,
+            keys,
+            quotas,
+            record_requests,
+            sts_endpoint=sts_endpoint,
+            worker_group_policy=worker_group_policy,
+        )
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -136,6 +146,7 @@ class LocalDataPipeline:
         self,
         access_key_id: str = DEFAULT_ACCESS_KEY_ID,
         secret_access_key: str = DEFAULT_SECRET_ACCESS_KEY,
+        session_token: str | None = None,
         **config: Any,
     ) -> Any:
         """A boto3 datapipeline client for this endpoint.
@@ -154,6 +165,7 @@ class LocalDataPipeline:
             region_name=REGION,
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
+            aws_session_token=session_token,
             config=Config(**config),
         )
 

@@ -14,7 +14,9 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
+
+from dptr_operator.tenancy import OVERRIDES, TenancyPolicy, parse_grants
 
 __all__ = ["OperatorConfig", "parse_args"]
 
@@ -30,6 +32,17 @@ class OperatorConfig(BaseModel):
 
     sidecar_image: str = "ghcr.io/dptr-dev/dptr:0.1.0"
     sidecar_service_account: str = "dptr-sidecar"
+    #: NAME=VALUE pairs every dptr container of a task pod gets (not the task's own).
+    sidecar_env: list[str] = []
+
+    # Tenancy: the administrator's grants (see dptr_operator.tenancy).
+    worker_group_grants: list[str] = []
+    role_grants: list[str] = []
+    allow_any_worker_group: bool = False
+    allowed_overrides: list[str] = []
+    #: Where every TaskRunner's requests go unless it may and does say otherwise.
+    default_endpoint_url: str | None = None
+    default_s3_endpoint_url: str | None = None
 
     # Protocol-derived durations, in protocol seconds (scaled at use).
     runner_heartbeat_seconds: float = Field(default=15 * 60, gt=0)
@@ -54,6 +67,32 @@ class OperatorConfig(BaseModel):
     watch_client_timeout: float = Field(default=330, gt=0)
     heartbeat_workers: int = Field(default=16, ge=1, le=256)
     log_level: str = "INFO"
+    _policy: TenancyPolicy = PrivateAttr(default_factory=TenancyPolicy)
+
+    @model_validator(mode="after")
+    def _tenancy(self) -> OperatorConfig:
+        unknown = sorted(set(self.allowed_overrides) - set(OVERRIDES))
+        if unknown:
+            raise ValueError(f"--allow-override {', '.join(unknown)}: not one of {', '.join(OVERRIDES)}")
+        for item in self.sidecar_env:
+            name, sep, _ = item.partition("=")
+            if not sep or not name:
+                raise ValueError(f"--sidecar-env {item!r} is not NAME=VALUE")
+        self._policy = TenancyPolicy(
+            worker_groups=parse_grants(self.worker_group_grants, what="worker group"),
+            role_arns=parse_grants(self.role_grants, what="role"),
+            allow_any_worker_group=self.allow_any_worker_group,
+            allowed_overrides=frozenset(self.allowed_overrides),
+        )
+        return self
+
+    @property
+    def tenancy(self) -> TenancyPolicy:
+        return self._policy
+
+    @property
+    def extra_sidecar_env(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.sidecar_env)
 
     @model_validator(mode="after")
     def _scope(self) -> OperatorConfig:
@@ -83,6 +122,10 @@ class OperatorConfig(BaseModel):
 
 def _env_list(env: Mapping[str, str], name: str) -> list[str]:
     return [part.strip() for part in env.get(name, "").split(",") if part.strip()]
+
+
+def _env_items(env: Mapping[str, str], name: str) -> list[str]:
+    return [part.strip() for part in env.get(name, "").split(";") if part.strip()]
 
 
 def _truthy(value: str | None) -> bool:
@@ -137,6 +180,57 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         "--sidecar-service-account",
         default=env.get("DPTR_SIDECAR_SERVICE_ACCOUNT") or "dptr-sidecar",
         help="service account of task pods whose TaskRunner names none",
+    )
+    parser.add_argument(
+        "--sidecar-env",
+        action="append",
+        default=_env_items(env, "DPTR_SIDECAR_ENV"),
+        metavar="NAME=VALUE",
+        help="environment of dptr's containers in every task pod, e.g. AWS_ENDPOINT_URL_STS=... "
+        "(repeatable; env DPTR_SIDECAR_ENV, ';'-separated)",
+    )
+    tenancy = parser.add_argument_group("tenancy (what TaskRunners may do; see docs/security.md)")
+    tenancy.add_argument(
+        "--worker-group-grant",
+        dest="worker_group_grants",
+        action="append",
+        default=_env_items(env, "DPTR_WORKER_GROUP_GRANTS"),
+        metavar="NAMESPACE=PATTERN[,PATTERN]",
+        help="worker groups (* globs) TaskRunners in NAMESPACE (* for all) may poll (repeatable; "
+        "env DPTR_WORKER_GROUP_GRANTS, ';'-separated)",
+    )
+    tenancy.add_argument(
+        "--allow-any-worker-group",
+        action="store_true",
+        default=_truthy(env.get("DPTR_ALLOW_ANY_WORKER_GROUP")),
+        help="every TaskRunner may poll any worker group (one tenant per cluster only)",
+    )
+    tenancy.add_argument(
+        "--role-grant",
+        dest="role_grants",
+        action="append",
+        default=_env_items(env, "DPTR_ROLE_GRANTS"),
+        metavar="NAMESPACE=ARN[,ARN]",
+        help="IAM roles (* globs) TaskRunners in NAMESPACE may name in credentials.roleArn "
+        "(repeatable; env DPTR_ROLE_GRANTS, ';'-separated)",
+    )
+    tenancy.add_argument(
+        "--allow-override",
+        dest="allowed_overrides",
+        action="append",
+        default=_env_items(env, "DPTR_ALLOWED_OVERRIDES"),
+        metavar="FIELD",
+        help=f"a TaskRunner field tenants may set: {', '.join(OVERRIDES)} (repeatable)",
+    )
+    tenancy.add_argument(
+        "--default-endpoint-url",
+        default=env.get("DPTR_DEFAULT_ENDPOINT_URL") or None,
+        help="Data Pipeline endpoint for TaskRunners that set none (e.g. a VPC endpoint)",
+    )
+    tenancy.add_argument(
+        "--default-s3-endpoint-url",
+        default=env.get("DPTR_DEFAULT_S3_ENDPOINT_URL") or None,
+        help="S3 endpoint for TaskRunners that set none",
     )
     durations = parser.add_argument_group("protocol durations (seconds, multiplied by --time-scale)")
     for flag, default in (

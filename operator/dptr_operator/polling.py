@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
 from dptr_common.datapipeline import (
     CredentialsError,
     DataPipelineClient,
@@ -39,6 +40,7 @@ from dptr_common.kube import ApiError, ApiUnavailable, NotFound, namespaced_path
 from dptr_common.models import TaskRunner
 from dptr_common.pacing import Backoff, HeartbeatPlan, heartbeat_interval, jittered
 from dptr_operator.events import task_runner_ref
+from dptr_operator.tenancy import Refusal
 
 if TYPE_CHECKING:
     from dptr_operator.runtime import Operator
@@ -56,6 +58,8 @@ class RunnerHealth:
     degraded_message: str = ""
     terminated: bool = False
     budget_message: str | None = None
+    #: Why the administrator's tenancy settings keep this TaskRunner from polling.
+    refusal: Refusal | None = None
 
 
 def _condition(type_: str, status: bool, reason: str, message: str) -> dict[str, Any]:
@@ -66,6 +70,13 @@ def conditions_for(
     *, paused: bool, deleting: bool, health: RunnerHealth, active: int, maximum: int
 ) -> list[dict[str, Any]]:
     """The Ready, Polling and Degraded conditions for a runner's state (pure; no times)."""
+    if health.refusal is not None:
+        reason, message = health.refusal.reason, health.refusal.message
+        return [
+            _condition("Ready", False, reason, message),
+            _condition("Polling", False, reason, message),
+            _condition("Degraded", True, reason, message),
+        ]
     if deleting:
         polling = _condition("Polling", False, "Deleting", "the TaskRunner is being deleted")
     elif health.terminated:
@@ -106,9 +117,9 @@ class RunnerWorker:
         self.op = op
         self.namespace = str(runner.metadata.namespace)
         self.name = runner.metadata.name
-        self.runner = runner
         self.key = (self.namespace, self.name)
         self.health = RunnerHealth()
+        self.runner = self._admit(runner)
         self.taskrunner_id = runner.status.taskrunner_id or f"dptr-{uuid.uuid4()}"
         self.counts = runner.status.counts.model_copy()
         self.deleting = False
@@ -147,10 +158,37 @@ class RunnerWorker:
 
     def update(self, runner: TaskRunner) -> None:
         """A new version of the TaskRunner (spec or status) was seen."""
+        admitted = self._admit(runner)
         with self._lock:
-            self.runner = runner
+            self.runner = admitted
             self._wake.notify_all()
         self._ensure_pollers()
+
+    def _admit(self, runner: TaskRunner) -> TaskRunner:
+        """Check the TaskRunner against the administrator's tenancy settings (recording why
+        it may not poll, with an Event when that changes) and fill in the administrator's
+        default endpoints: the runner as the worker uses it."""
+        config = self.op.config
+        refusal = config.tenancy.check(runner)
+        previous, self.health.refusal = self.health.refusal, refusal
+        if refusal != previous:
+            ref = task_runner_ref(self.namespace, self.name, runner.metadata.uid)
+            if refusal is not None:
+                log.warning("%s/%s: %s", self.namespace, self.name, refusal.message)
+                self.op.events.emit(ref, refusal.reason, refusal.message, "Warning")
+            elif previous is not None:
+                self.op.events.emit(
+                    ref, "Permitted", f"the TaskRunner may poll again (was {previous.reason})"
+                )
+            self.op.request_status(self)
+        defaults: dict[str, Any] = {}
+        if runner.spec.endpoint_url is None and config.default_endpoint_url:
+            defaults["endpoint_url"] = config.default_endpoint_url
+        if runner.spec.s3_endpoint_url is None and config.default_s3_endpoint_url:
+            defaults["s3_endpoint_url"] = config.default_s3_endpoint_url
+        if not defaults:
+            return runner
+        return runner.model_copy(update={"spec": runner.spec.model_copy(update=defaults)})
 
     def stop(self) -> None:
         self._stop.set()
@@ -202,12 +240,20 @@ class RunnerWorker:
                     timer.daemon = True
                     timer.start()
                 self._client = DataPipelineClient(
-                    spec.region, spec.endpoint_url, creds, max_pool_connections=32
+                    spec.region, spec.endpoint_url, creds, role=self._role(), max_pool_connections=32
                 )
                 self._client_key = key
             self._client_built = time.monotonic()
             self._refresh = False
             return self._client
+
+    def _role(self) -> AssumedRole | None:
+        arn = self.spec.credentials.role_arn
+        if arn is None:
+            return None
+        return AssumedRole(
+            arn, session_name_for(self.namespace, self.name, "operator"), external_id_for(self.namespace)
+        )
 
     def refresh_credentials(self) -> None:
         with self._lock:
@@ -242,6 +288,7 @@ class RunnerWorker:
             or self.deleting
             or self.spec.paused
             or self.health.terminated
+            or self.health.refusal is not None
             or not self.op.leading
         )
 
@@ -354,7 +401,7 @@ class RunnerWorker:
         period = self.op.config.scaled(self.op.config.runner_heartbeat_seconds)
         while not self._stop.is_set():
             wait = period
-            if self.op.leading and not self.deleting:
+            if self.op.leading and not self.deleting and self.health.refusal is None:
                 try:
                     terminate = self.client().report_task_runner_heartbeat(
                         self.taskrunner_id, self.spec.worker_group, self.op.config.identity

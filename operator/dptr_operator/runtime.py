@@ -144,7 +144,7 @@ class Operator:
         return max(self.config.scaled(interval), 0.02)
 
     def sidecar_env(self) -> dict[str, str]:
-        return {"DPTR_TIME_SCALE": repr(self.config.time_scale)}
+        return {**self.config.extra_sidecar_env, "DPTR_TIME_SCALE": repr(self.config.time_scale)}
 
     def dispatch(self, worker: RunnerWorker, raw: Mapping[str, Any], *, release: Callable[[], None]) -> None:
         try:

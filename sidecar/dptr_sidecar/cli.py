@@ -64,9 +64,15 @@ def run() -> int:
         return 2
 
     def make_dp() -> DataPipelineClient:
+        from dptr_common.awsauth import AssumedRole
         from dptr_common.datapipeline import DataPipelineClient
 
-        return DataPipelineClient(config.region, config.endpoint_url, max_pool_connections=2)
+        return DataPipelineClient(
+            config.region,
+            config.endpoint_url,
+            role=AssumedRole.from_env(os.environ),
+            max_pool_connections=2,
+        )
 
     kube = KubeClient.from_env(timeout=20.0)
     kube.config.namespace = config.namespace

@@ -104,8 +104,9 @@ class S3Client:
         session_token: str | None = None,
         part_size: int = PART_SIZE,
     ) -> None:
-        import botocore.session
         from botocore.config import Config
+
+        from dptr_common.awsauth import AssumedRole, StaticCredentials, make_session
 
         env = os.environ if env is None else env
         self.region = region or env.get("AWS_REGION") or env.get("DPTR_REGION") or "us-east-1"
@@ -116,9 +117,13 @@ class S3Client:
             # botocore's chain (web identity, pod identity) applies.
             access_key_id, secret_access_key = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
             session_token = session_token or env.get("AWS_SESSION_TOKEN") or None
-        session = botocore.session.get_session()
-        if access_key_id is None:
-            session.get_component("credential_provider").remove("iam-role")
+        keys = (
+            StaticCredentials(access_key_id, secret_access_key or "", session_token)
+            if access_key_id is not None
+            else None
+        )
+        # The TaskRunner's role (credentials.roleArn), assumed on top: S3 as the team's role.
+        session = make_session(keys, AssumedRole.from_env(env), region=self.region)
         config_args: dict[str, Any] = {
             "region_name": self.region,
             "connect_timeout": 10,
@@ -135,9 +140,6 @@ class S3Client:
             "s3",
             region_name=self.region,
             endpoint_url=self.endpoint_url or None,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            aws_session_token=session_token,
             config=Config(**config_args),
         )
 

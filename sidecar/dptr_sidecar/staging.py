@@ -358,11 +358,13 @@ def _s3_from_env(env: Mapping[str, str]) -> S3Client:
 
 
 def _dp_client_from_env(env: Mapping[str, str]) -> Any:
+    from dptr_common.awsauth import AssumedRole
     from dptr_common.datapipeline import DataPipelineClient
 
     return DataPipelineClient(
         region=env.get("DPTR_REGION") or env.get("AWS_REGION") or "us-east-1",
         endpoint_url=env.get("DPTR_ENDPOINT_URL") or None,
+        role=AssumedRole.from_env(env),
     )
 
 

@@ -110,7 +110,7 @@ def _apply(bed: Any, obj: dict[str, Any]) -> None:
     bed.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(obj))
 
 
-def _install(bed: Any, service: Any) -> None:
+def _install(bed: Any) -> None:
     from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY
 
     installs.install_crds(bed)
@@ -141,7 +141,8 @@ def _install(bed: Any, service: Any) -> None:
             "spec": {
                 "workerGroup": WORKER_GROUP,
                 "region": "us-east-1",
-                "endpointUrl": service.endpoint_url,
+                # No endpointUrl: the administrator points every runner at the local service
+                # (the operator's --default-endpoint-url), as with a VPC endpoint.
                 "credentials": {"mode": "Secret", "secretRef": {"name": "datapipeline-credentials"}},
                 "maxConcurrentTasks": 4,
                 # The stand-in ignores images; a real cluster pulls this one.
@@ -151,7 +152,7 @@ def _install(bed: Any, service: Any) -> None:
     )
 
 
-def _start_operator(bed: Any, state: Path) -> subprocess.Popen[bytes]:
+def _start_operator(bed: Any, state: Path, service: Any) -> subprocess.Popen[bytes]:
     log = (state / "operator.log").open("wb")
     return subprocess.Popen(
         [
@@ -164,6 +165,9 @@ def _start_operator(bed: Any, state: Path) -> subprocess.Popen[bytes]:
             f"--lease-namespace={NAMESPACE}",
             "--http-port=0",
             "--identity=dptr-demo-operator",
+            # Tenancy as an administrator sets it: this namespace serves this worker group.
+            f"--worker-group-grant={NAMESPACE}={WORKER_GROUP}",
+            f"--default-endpoint-url={service.endpoint_url}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -265,9 +269,9 @@ def run(keep: bool = False, timeout: float = 300.0) -> int:
             stack.service.start()
             _say(f"      {stack.service.endpoint_url}")
             _say("[3/5] installing the CRDs, the sidecar's RBAC and a TaskRunner")
-            _install(stack.bed, stack.service)
+            _install(stack.bed)
             _say("[4/5] starting the operator")
-            stack.operator = _start_operator(stack.bed, state)
+            stack.operator = _start_operator(stack.bed, state, stack.service)
             _say(
                 "[5/5] activating an on-demand pipeline: SayHello, BrokenStep, InputArrived -> GuardedStep, LongStep"
             )

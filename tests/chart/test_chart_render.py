@@ -73,6 +73,10 @@ def test_lint_value_sets(helm: Helm, name: str, tmp_path: Path) -> None:
         (["taskRunners[0].name=etl"], "/taskRunners/0"),
         (["taskRunners[0].name=etl", "taskRunners[0].spec.region=x"], "workerGroup"),
         (["rbac.create=maybe"], "/rbac/create"),
+        (["tenancy.allowedOverrides={credentials}"], "/tenancy/allowedOverrides/0"),
+        (["tenancy.workerGroups.Bad_NS={x}"], "invalid propertyName 'Bad_NS'"),
+        (["tenancy.roleArns.team={not-an-arn}"], "/tenancy/roleArns/team/0"),
+        (["taskPods.networkPolicy.denyCIDRs={10.0.0.0}"], "/taskPods/networkPolicy/denyCIDRs/0"),
     ],
 )
 def test_schema_rejects(helm: Helm, sets: list[str], message: str) -> None:
@@ -291,3 +295,58 @@ def test_sidecar_admission_policy(helm: Helm) -> None:
     assert not _by_kind(off, "ValidatingAdmissionPolicy") and not _by_kind(
         off, "ValidatingAdmissionPolicyBinding"
     )
+
+
+def test_tenancy_values_become_the_operators_flags(helm: Helm) -> None:
+    values = {
+        "tenancy": {
+            "workerGroups": {"team-a": ["team-a-*", "etl"], "*": ["shared"]},
+            "roleArns": {"team-a": ["arn:aws:iam::111122223333:role/team-a"]},
+            "allowedOverrides": ["s3EndpointUrl"],
+            "defaultEndpointUrl": "https://datapipeline.vpce.example",
+        },
+        "sidecar": {"extraEnv": {"AWS_ENDPOINT_URL_STS": "https://sts.vpce.example"}},
+        "operator": {"watch": {"namespaces": ["team-a", "team-b"]}},
+        "taskRunners": [
+            {
+                "name": "ops",
+                "namespace": "team-b",
+                "spec": {"workerGroup": "ops-wg", "jobTemplate": {"image": "x"}},
+            }
+        ],
+    }
+    args = _container(helm.render(release="rel", values=values))["args"]
+    assert "--worker-group-grant=team-a=team-a-*,etl" in args
+    assert "--worker-group-grant=*=shared" in args
+    assert "--worker-group-grant=team-b=ops-wg" in args  # declared by the administrator
+    assert "--role-grant=team-a=arn:aws:iam::111122223333:role/team-a" in args
+    assert "--allow-override=s3EndpointUrl" in args
+    assert "--default-endpoint-url=https://datapipeline.vpce.example" in args
+    assert "--sidecar-env=AWS_ENDPOINT_URL_STS=https://sts.vpce.example" in args
+    assert "--allow-any-worker-group" not in args
+    defaults = _container(helm.render(release="rel", values={}))["args"]
+    assert not [a for a in defaults if a.startswith(("--worker-group-grant", "--allow-", "--role-grant"))]
+
+
+def test_task_pod_egress_policy(helm: Helm) -> None:
+    assert not [
+        d
+        for d in _by_kind(helm.render(release="rel", values={}), "NetworkPolicy")
+        if "task-egress" in d["metadata"]["name"]
+    ]
+    values = {
+        "taskPods": {"networkPolicy": {"enabled": True, "denyCIDRs": ["10.0.0.0/8", "fd00::/8"]}},
+        "operator": {"watch": {"namespaces": ["a", "b"]}},
+    }
+    policies = [
+        d
+        for d in _by_kind(helm.render(release="rel", values=values), "NetworkPolicy")
+        if "task-egress" in d["metadata"]["name"]
+    ]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["a", "b"]
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Egress"]
+    assert spec["podSelector"]["matchLabels"]["dptr.dev/role"] == "task"
+    v4, v6 = (rule["ipBlock"] for rule in spec["egress"][0]["to"])
+    assert v4 == {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "10.0.0.0/8"]}
+    assert v6 == {"cidr": "::/0", "except": ["fd00:ec2::254/128", "fd00::/8"]}

@@ -24,6 +24,15 @@ from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, 
 from dptr_testbed.controlplane import RunningTestbed
 
 TIME_SCALE = 0.01
+#: The operator's tenancy in most tests: one tenant, who may point the runner at the local
+#: service and moto (tests/security passes its own, to check the fences).
+OPEN_TENANCY = (
+    "--allow-any-worker-group",
+    *("--allow-override", "endpointUrl"),
+    *("--allow-override", "s3EndpointUrl"),
+    *("--allow-override", "sidecarImage"),
+    *("--allow-override", "passDataPipelineCredentials"),
+)
 
 
 def wait_for(
@@ -46,11 +55,22 @@ def wait_for(
 class OperatorProcess:
     """One ``dptr-operator`` subprocess; ``kill()`` is SIGKILL, ``stop()`` SIGTERM."""
 
-    def __init__(self, testbed: RunningTestbed, namespace: str, log_dir: Path, extra: list[str]) -> None:
+    def __init__(
+        self,
+        testbed: RunningTestbed,
+        namespace: str,
+        log_dir: Path,
+        extra: list[str],
+        *,
+        tenancy: tuple[str, ...] = OPEN_TENANCY,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.testbed = testbed
         self.namespace = namespace
         self.log_dir = log_dir
         self.extra = extra
+        self.tenancy = tenancy
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -78,11 +98,16 @@ class OperatorProcess:
             self.namespace,
             "--log-level",
             "DEBUG" if os.environ.get("DPTR_TEST_DEBUG") else "INFO",
+            *self.tenancy,
             *self.extra,
             *more,
         ]
         self.proc = subprocess.Popen(
-            argv, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )
         return self
 
@@ -169,6 +194,7 @@ class Cluster:
         name: str = "runner",
         secret_key_id: str = DEFAULT_ACCESS_KEY_ID,
         secret_access_key: str = DEFAULT_SECRET_ACCESS_KEY,
+        endpoint: bool = True,
         **spec: Any,
     ) -> dict[str, Any]:
         self.apply(
@@ -190,7 +216,8 @@ class Cluster:
             "spec": {
                 "workerGroup": worker_group,
                 "region": "us-east-1",
-                "endpointUrl": datapipeline.endpoint_url,
+                # endpoint=False: the operator's --default-endpoint-url serves instead.
+                **({"endpointUrl": datapipeline.endpoint_url} if endpoint else {}),
                 "credentials": {"mode": "Secret", "secretRef": {"name": "dp-credentials"}},
                 # The shared bed's nodes run pods; most operator tests want them to
                 # stay Pending (their statuses are patched by hand), so by default

@@ -181,6 +181,10 @@ def installed(
             "extraArgs": ["--sidecar-report-grace-seconds=300"],
         },
         "sidecar": {"image": {"repository": sidecar_repo, "tag": sidecar_tag}},
+        # The administrator points every runner at the local service and moto (as at
+        # VPC endpoints); the TaskRunner below is declared here, so its worker group is
+        # granted to its namespace.
+        "tenancy": {"defaultEndpointUrl": datapipeline.endpoint_url, "defaultS3EndpointUrl": moto_s3[0]},
         "taskRunners": [
             {
                 "name": "real-node",
@@ -188,8 +192,6 @@ def installed(
                 "spec": {
                     "workerGroup": WORKER_GROUP,
                     "region": "us-east-1",
-                    "endpointUrl": datapipeline.endpoint_url,
-                    "s3EndpointUrl": moto_s3[0],
                     "credentials": {"mode": "Secret", "secretRef": {"name": "dp-credentials"}},
                     "maxConcurrentTasks": 5,
                     # The sidecar image has /bin/sh; a task may pick the probe image.

@@ -29,12 +29,28 @@ FORGED_PLAN = (
     f'"staging_dir":"{TOKEN_DIR}","uri":"s3://BUCKET/stolen","kind":"directory"}}]}}'
 )
 
+
+def _after_capture(stream: str) -> str:
+    """Write a line, then wait until the wrapper's tee has it in the capture file: only
+    then is the file tee's, and replacing it is an attack rather than a race with tee."""
+    redirect = " >&2" if stream == "stderr" else ""
+    return f'echo hi{redirect}; while [ ! -s "$DPTR_LOG_DIR/{stream}" ]; do sleep 0.05; done; '
+
+
 #: name -> (command, stages an output?, expected errorId)
 ATTACKS: dict[str, tuple[str, bool, str | None]] = {
-    "LogToEnviron": ('echo hi; ln -sf /proc/self/environ "$DPTR_LOG_DIR/stdout"', False, "Symlink"),
-    "LogToDevZero": ('echo hi >&2; ln -sf /dev/zero "$DPTR_LOG_DIR/stderr"', False, "Symlink"),
-    "LogFifo": ('rm -f "$DPTR_LOG_DIR/stdout"; mkfifo "$DPTR_LOG_DIR/stdout"', False, "NotRegularFile"),
-    "LogHuge": ('echo hi; truncate -s 64M "$DPTR_LOG_DIR/stdout"', False, "TooLarge"),
+    "LogToEnviron": (
+        _after_capture("stdout") + 'ln -sf /proc/self/environ "$DPTR_LOG_DIR/stdout"',
+        False,
+        "Symlink",
+    ),
+    "LogToDevZero": (_after_capture("stderr") + 'ln -sf /dev/zero "$DPTR_LOG_DIR/stderr"', False, "Symlink"),
+    "LogFifo": (
+        _after_capture("stdout") + 'rm -f "$DPTR_LOG_DIR/stdout"; mkfifo "$DPTR_LOG_DIR/stdout"',
+        False,
+        "NotRegularFile",
+    ),
+    "LogHuge": (_after_capture("stdout") + 'truncate -s 64M "$DPTR_LOG_DIR/stdout"', False, "TooLarge"),
     "OutToToken": (
         f'rmdir "$OUTPUT1_STAGING_DIR"; ln -s {TOKEN_DIR} "$OUTPUT1_STAGING_DIR"',
         True,
