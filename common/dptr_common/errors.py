@@ -313,6 +313,8 @@ _POD_FAILURES: dict[str, tuple[str, str]] = {
     "Unschedulable": ("Unschedulable", "the task's pod could not be scheduled"),
     "NodeLost": ("NodeLost", "the task's node was lost"),
     "PodLost": ("PodLost", "the task's pod disappeared before it reported"),
+    "JobDeleted": ("JobDeleted", "the task's Job was deleted while the attempt ran"),
+    "PipelineTaskDeleted": ("PipelineTaskDeleted", "the attempt's PipelineTask was deleted while it ran"),
     "ScriptFetchFailed": ("ScriptFetchFailed", "the task's scriptUri could not be downloaded"),
 }
 

@@ -465,12 +465,15 @@ def mark_canceled(
     reason: str,
     message: str | None = None,
     clock: Callable[[], datetime] = _utcnow,
+    over_own_claim: bool = False,
 ) -> bool:
     """Record a honoured cancel (phase Canceled, ``canceled.at/by/reason``).
 
     Returns True when the task is now (or already was) canceled, False when a report was
     already claimed or made: then the claim holder's SetTaskStatus stands and the task is
-    not canceled in the ledger.
+    not canceled in the ledger.  With ``over_own_claim`` the holder ``by`` may cancel over
+    its own claim as long as it has not reported (the sidecar claims first and asks Data
+    Pipeline about a cancel after: the claim is then dropped).
     """
 
     def decide(obj: dict[str, Any]) -> tuple[bool, bool]:
@@ -478,8 +481,11 @@ def mark_canceled(
         if is_canceled(st):
             return False, True
         report = _section(st, "report")
-        if report.get("claimedBy") or report.get("reportedAt"):
+        ours = over_own_claim and report.get("claimedBy") == by
+        if report.get("reportedAt") or (report.get("claimedBy") and not ours):
             return False, False
+        if ours:
+            st["report"] = {}
         st["canceled"] = {"at": format_time(clock()), "by": by, "reason": reason}
         st["phase"] = "Canceled"
         if message is not None:

@@ -175,6 +175,9 @@ class JobTemplate(CamelModel):
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    #: The task pod's grace: what the sidecar has after the task exits to upload and
+    #: report.  Unset: 30 s, plus 300 s when the task stages data or uploads logs.
+    termination_grace_period_seconds: int | None = Field(default=None, ge=5, le=86400)
     pod_security_context: dict[str, Any] | None = None
     container_security_context: dict[str, Any] | None = None
 

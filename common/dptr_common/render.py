@@ -42,6 +42,7 @@ from typing import Any
 
 from dptr_common import naming
 from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
+from dptr_common.bounds import check_job, check_string
 from dptr_common.errors import TaskError
 from dptr_common.images import InvalidReference
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, TaskRunner
@@ -53,7 +54,7 @@ from dptr_common.podspec import (
     set_env,
 )
 from dptr_common.podspec import env as _env
-from dptr_common.render_staging import render_staging
+from dptr_common.render_staging import render_staging, wants_task_io
 from dptr_common.task import SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
 
 __all__ = [
@@ -85,6 +86,10 @@ TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 RUN_AS_USER = 65532
 #: Time the sidecar has, after SIGTERM, to see the task's final status and report it.
 TERMINATION_GRACE_SECONDS = 30
+#: Added when the task stages outputs or uploads logs: the sidecar uploads them after
+#: the task exited, within the pod's grace (killed past it, its claim reports FAILED
+#: dptr.StagingFailed.Interrupted).  A TaskRunner can set its own grace.
+UPLOAD_GRACE_SECONDS = 300
 _TOKEN_EXPIRATION_SECONDS = 3607  # what kubelet uses for the default automounted token
 _SHELL_NAME = "dptr-task"  # $0 of the shell running `command`; names it in error messages
 
@@ -179,7 +184,10 @@ def task_argv(task: Task) -> list[str]:
     command = task.command if task.command and task.command.strip() else None
     if command and task.script_uri:
         raise TaskError("dptr.InvalidTask.CommandAndScriptUri", "give either command or scriptUri, not both")
+    for argument in task.script_arguments:
+        check_string("scriptArgument", argument)
     if command:
+        check_string("command", command)
         return ["/bin/sh", "-c", command, _SHELL_NAME, *task.script_arguments]
     if task.script_uri:
         if not re.match(r"^s3://[^/\s]+/\S", task.script_uri):
@@ -346,7 +354,8 @@ def render_job(
     what was meant.  ``sidecar_env`` reaches every init
     container of dptr's, the stage-in container included.  Raises :class:`TaskError`
     (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``,
-    ``dptr.StagingFailed.*``) for a task that cannot run; nothing must be created then.
+    ``dptr.StagingFailed.*``, ``dptr.InvalidTask.TooLarge.*`` past :mod:`dptr_common.bounds`)
+    for a task that cannot run; nothing must be created then.
     """
     job = render_base_job(
         task,
@@ -358,8 +367,13 @@ def render_job(
     )
     job = render_staging(job, task, runner)
     pod = job["spec"]["template"]["spec"]
+    if runner.spec.job_template.termination_grace_period_seconds is not None:
+        pod["terminationGracePeriodSeconds"] = runner.spec.job_template.termination_grace_period_seconds
+    elif wants_task_io(job):
+        pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS + UPLOAD_GRACE_SECONDS
     for container in pod["initContainers"]:
         set_env(container, [_env(name, value) for name, value in (sidecar_env or {}).items()])
+    check_job(job)
     return job
 
 
@@ -467,8 +481,8 @@ def render_base_job(
     }
     if task.attempt_timeout_seconds:
         job_spec["activeDeadlineSeconds"] = task.attempt_timeout_seconds
-    if template.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = template.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished here: the operator sets the template's TTL on the Job once
+    # the outcome is recorded, so a TTL never removes a Job before its attempt is reported.
 
     return {
         "apiVersion": "batch/v1",

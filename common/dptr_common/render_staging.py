@@ -201,3 +201,9 @@ def render_staging(job: dict[str, Any], task: Task, runner: TaskRunner) -> dict[
 
     set_env(sidecar, sidecar_env)
     return job
+
+
+def wants_task_io(job: dict[str, Any]) -> bool:
+    """Whether :func:`render_staging` gave this Job staging or S3 log capture."""
+    volumes = {v.get("name") for v in job["spec"]["template"]["spec"].get("volumes", [])}
+    return bool(volumes & {STAGING_VOLUME, LOG_VOLUME})

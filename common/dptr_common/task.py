@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from dptr_common.errors import TaskError
 
 __all__ = [
+    "MAX_PERIOD_SECONDS",
     "PipelineObject",
     "Task",
     "TaskError",
@@ -52,19 +53,31 @@ _UNIT_SECONDS = {
 }
 
 
+#: The longest period dptr accepts (366 days): anything longer is a mistake, and an
+#: unbounded one would overflow activeDeadlineSeconds (int64) and be refused by the API
+#: server after the task was polled.
+MAX_PERIOD_SECONDS = 366 * 86400
+
+
 def parse_period(value: str, *, field: str = "period") -> int:
-    """``"15 Minutes"`` -> ``900``.  Raises ``TaskError(dptr.InvalidTask.BadPeriod...)``."""
-    match = _PERIOD.match(value)
+    """``"15 Minutes"`` -> ``900``, at most :data:`MAX_PERIOD_SECONDS`.  Raises
+    ``TaskError(dptr.InvalidTask.BadPeriod.<field>)``."""
+    match = _PERIOD.match(value) if len(value) <= 64 else None
     if match:
         unit = match.group(2).lower()
         unit = unit[:-1] if unit.endswith("s") else unit
-        if unit in _UNIT_SECONDS:
+        if unit in _UNIT_SECONDS and len(match.group(1)) <= 12:
             seconds = int(match.group(1)) * _UNIT_SECONDS[unit]
+            if seconds > MAX_PERIOD_SECONDS:
+                raise TaskError(
+                    f"dptr.InvalidTask.BadPeriod.{field}",
+                    f"field {field!r} is {value!r}, longer than dptr's maximum of 366 days",
+                )
             if seconds > 0:
                 return seconds
     raise TaskError(
         f"dptr.InvalidTask.BadPeriod.{field}",
-        f"field {field!r} is {value!r}; expected a positive period such as '15 minutes' or '2 hours'",
+        f"field {field!r} is {value[:64]!r}; expected a positive period such as '15 minutes' or '2 hours'",
     )
 
 

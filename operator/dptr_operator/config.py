@@ -48,6 +48,9 @@ class OperatorConfig(BaseModel):
     runner_heartbeat_seconds: float = Field(default=15 * 60, gt=0)
     image_pull_grace_seconds: float = Field(default=10 * 60, ge=0)
     unschedulable_grace_seconds: float = Field(default=30 * 60, ge=0)
+    #: A Job with no pod after this long was refused its pods (quota, admission, a missing
+    #: ServiceAccount): the attempt ends FAILED dptr.PodRejected.*.
+    pod_create_grace_seconds: float = Field(default=5 * 60, ge=0)
     #: How long the sidecar gets to report a pod's end before the operator reports it.
     sidecar_report_grace_seconds: float = Field(default=60, ge=0)
     #: A report claim older than this, and not reported, is taken over.
@@ -237,6 +240,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         ("--runner-heartbeat-seconds", 15 * 60),
         ("--image-pull-grace-seconds", 10 * 60),
         ("--unschedulable-grace-seconds", 30 * 60),
+        ("--pod-create-grace-seconds", 5 * 60),
         ("--sidecar-report-grace-seconds", 60),
         ("--claim-stale-after-seconds", 10 * 60),
         ("--sweep-interval-seconds", 5),

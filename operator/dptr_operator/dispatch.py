@@ -2,12 +2,18 @@
 
 1. parse it (a malformed task is reported FAILED right away, through the ledger);
 2. record it as a PipelineTask named from (pipelineId, attemptId): a repeated poll of
-   the same attempt finds it (409 AlreadyExists) and creates nothing new;
+   the same attempt finds it (409 AlreadyExists) and creates nothing new.  Its
+   finalizer keeps a user's deletion from losing the attempt (see runtime.py);
 3. acknowledge it with ReportTaskProgress at once, inside the 2-minute window, whatever
    the scheduling of its pod will take;
 4. render and create its Job (owner: the PipelineTask, itself owned by the TaskRunner);
 5. record the Job, the ack and the operator's heartbeat ownership in one status write,
    off the poller (see ``ledger.record_dispatch`` for why it cannot undo later writes).
+
+Every refusal ends the attempt FAILED once, with an errorId that names the cause: a
+PipelineTask the API server refuses (``dptr.PipelineTaskRejected.*``, reported directly:
+there is no ledger to go through), a Job it refuses (``dptr.JobRejected.*``, through the
+ledger), a task too large for either (``dptr.InvalidTask.TooLarge.*``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dptr_common import ledger, naming
+from dptr_common.bounds import check_object
 from dptr_common.datapipeline import DataPipelineError, TaskGone, Throttled, TransientError, call_with_retry
 from dptr_common.errors import TaskError, outcome_for_task_error
 from dptr_common.kube import ApiError, Conflict, job_path, pipelinetask_path
@@ -26,7 +33,7 @@ from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTaskSpec
 from dptr_common.render import render_job
 from dptr_common.task import Task, parse_task
 from dptr_operator.events import pipeline_task_ref, task_runner_ref
-from dptr_operator.index import TaskEntry
+from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry
 
 if TYPE_CHECKING:
     from dptr_operator.polling import RunnerWorker
@@ -63,9 +70,32 @@ def pipeline_task_body(spec: PipelineTaskSpec, worker: RunnerWorker) -> dict[str
             "labels": labels,
             "annotations": annotations,
             "ownerReferences": [owner],
+            # Held while the attempt is open: a deletion then reports it (runtime.py).
+            "finalizers": [ATTEMPT_FINALIZER],
         },
         "spec": spec.to_k8s(),
     }
+
+
+def rejection(exc: ApiError, kind: str) -> TaskError:
+    """The API server refused to create a task's ``kind``: an errorId naming why."""
+    text = exc.message or str(exc)
+    if exc.status == 403 and "exceeded quota" in text:
+        cause = "Quota"
+    elif exc.status == 403:
+        cause = "Denied"  # an admission webhook or policy, Pod Security, RBAC
+    elif exc.status in (400, 422):
+        cause = "Invalid"
+    elif exc.status == 413:
+        cause = "TooLarge"
+    elif exc.status in (0, 429, 500, 502, 503, 504):
+        cause = "Unavailable"
+    else:
+        cause = f"HTTP{exc.status}"
+    return TaskError(f"dptr.{kind}Rejected.{cause}", f"the API server refused the {kind}: {text}"[:2000])
+
+
+_TRANSIENT = (0, 429, 500, 502, 503, 504)
 
 
 def _create_pipeline_task(
@@ -82,7 +112,7 @@ def _create_pipeline_task(
                 raise
             return op.kube.get(pipelinetask_path(ns, name)), False
         except ApiError as exc:
-            if exc.status not in (0, 429, 500, 502, 503, 504) or time.monotonic() > deadline:
+            if exc.status not in _TRANSIENT or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
@@ -100,11 +130,17 @@ def dispatch(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any]) -> None
         return
     spec = PipelineTaskSpec.from_task(task, task_runner=worker.name, polled_by=op.config.holder)
     body = pipeline_task_body(spec, worker)
-    # The ack deadline is 2 minutes after the poll: keep a margin for the ack itself.
-    obj, created = _create_pipeline_task(op, body, started + op.config.scaled(60))
+    try:
+        check_object(body, "PipelineTask")
+        # The ack deadline is 2 minutes after the poll: keep a margin for the ack itself.
+        obj, created = _create_pipeline_task(op, body, started + op.config.scaled(60))
+    except (TaskError, ApiError) as exc:
+        # No PipelineTask, so no ledger: nobody else knows this attempt; report it here, once.
+        refused = exc if isinstance(exc, TaskError) else rejection(exc, "PipelineTask")
+        _report_without_ledger(op, worker, task.task_id, refused, f"attempt {task.attempt_id}")
+        return
     entry, _ = op.index.upsert(TaskEntry.from_k8s(obj))
     worker.capacity_changed()
-    ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
     if not created:
         log.info(
             "%s/%s: attempt %s polled again; nothing new created",
@@ -122,18 +158,12 @@ def dispatch(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any]) -> None
     try:
         job_name = ensure_job(op, worker, entry, task, obj)
     except TaskError as err:
-        op.events.emit(ref, "InvalidTask", f"{err.error_id}: {err.message}", "Warning")
-        op.events.emit(
-            task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid),
-            "InvalidTask",
-            f"{entry.name}: {err.error_id}: {err.message}",
-            "Warning",
-        )
-        op.submit(op.report, entry, outcome_for_task_error(err), "invalid task", False, False)
+        fail_before_job(op, worker, entry, err)
         return
     op.index.update(
         entry.key,
         job_name=job_name,
+        job_since=time.monotonic(),
         acknowledged=entry.acknowledged or acked_at is not None,
         heartbeat_last_at=acked_at or entry.heartbeat_last_at,
         heartbeat_seen=time.monotonic() if acked_at else entry.heartbeat_seen,
@@ -196,18 +226,44 @@ def ensure_job(
         sidecar_env=op.sidecar_env(),
     )
     name = str(job["metadata"]["name"])
-    try:
-        with op.metrics.timed("CreateJob"):
-            op.kube.create(job_path(entry.namespace), job)
-        op.events.emit(
-            pipeline_task_ref(entry.namespace, entry.name, entry.uid),
-            "JobCreated",
-            f"Job {name} created for attempt {task.attempt_id} of pipeline {task.pipeline_id}",
-        )
-    except Conflict as exc:
-        if exc.reason != "AlreadyExists":
-            raise
-    return name
+    deadline = time.monotonic() + op.config.scaled(30)
+    while True:
+        try:
+            with op.metrics.timed("CreateJob"):
+                op.kube.create(job_path(entry.namespace), job)
+            op.events.emit(
+                pipeline_task_ref(entry.namespace, entry.name, entry.uid),
+                "JobCreated",
+                f"Job {name} created for attempt {task.attempt_id} of pipeline {task.pipeline_id}",
+            )
+            return name
+        except Conflict as exc:
+            if exc.reason == "AlreadyExists":
+                return name
+            raise rejection(exc, "Job") from exc
+        except ApiError as exc:
+            if exc.status in _TRANSIENT and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            if exc.status == 403 and "exceeded quota" in exc.message:
+                # The namespace is full: polling more would only fail more attempts.
+                worker.hold_polling(op.config.scaled(30), f"the namespace's quota refused a Job: {exc}")
+            raise rejection(exc, "Job") from exc
+
+
+def fail_before_job(op: Operator, worker: RunnerWorker, entry: TaskEntry, err: TaskError) -> None:
+    """A task that gets no Job (invalid, too large, or its Job refused): Events on the
+    PipelineTask and the TaskRunner, and FAILED through the ledger, once."""
+    reason = "JobRejected" if err.error_id.startswith("dptr.JobRejected.") else "InvalidTask"
+    ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
+    op.events.emit(ref, reason, f"{err.error_id}: {err.message}", "Warning")
+    op.events.emit(
+        task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid),
+        reason,
+        f"{entry.name}: {err.error_id}: {err.message}",
+        "Warning",
+    )
+    op.submit(op.report, entry, outcome_for_task_error(err), "no Job", False, reason == "JobRejected")
 
 
 def _report_unparseable(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any], err: TaskError) -> None:
@@ -237,9 +293,28 @@ def _report_unparseable(op: Operator, worker: RunnerWorker, raw: Mapping[str, An
             return
         except (ApiError, ValueError) as exc:
             log.warning("could not record the malformed task: %s", exc)
-    # No ledger possible: nobody else knows this task, so report it directly, once.
+    _report_without_ledger(op, worker, task_id, err, "a malformed task", event=False)
+
+
+def _report_without_ledger(
+    op: Operator, worker: RunnerWorker, task_id: str, err: TaskError, what: str, *, event: bool = True
+) -> None:
+    """FAILED for an attempt that has no PipelineTask (so no ledger): nobody else knows it,
+    so it is reported here, once, with retries; if that fails too, Data Pipeline times the
+    attempt out (its ack never came) and retries it as a new one."""
+    runner_ref = task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid)
+    if event:
+        op.events.emit(runner_ref, "TaskRejected", f"{what}: {err.error_id}: {err.message}", "Warning")
+    kwargs = outcome_for_task_error(err).set_task_status_kwargs(task_id)
     try:
-        kwargs = outcome_for_task_error(err).set_task_status_kwargs(task_id)
-        worker.client().set_task_status(task_id, "FAILED", kwargs.get("errorId"), kwargs.get("errorMessage"))
+        with op.metrics.timed("SetTaskStatus"):
+            call_with_retry(
+                lambda: worker.client().set_task_status(
+                    task_id, "FAILED", kwargs.get("errorId"), kwargs.get("errorMessage")
+                ),
+                deadline=time.monotonic() + op.config.scaled(60),
+                base=max(op.config.scaled(1.0), 0.05),
+                cap=max(op.config.scaled(10.0), 0.1),
+            )
     except DataPipelineError as exc:
-        log.error("%s/%s: could not report a malformed task: %s", worker.namespace, worker.name, exc)
+        log.error("%s/%s: could not report %s: %s", worker.namespace, worker.name, what, exc)

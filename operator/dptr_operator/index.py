@@ -18,7 +18,11 @@ from typing import Any
 from dptr_common.ledger import parse_time
 from dptr_common.models import TERMINAL_PHASES
 
-__all__ = ["TaskEntry", "TaskIndex", "TaskKey"]
+__all__ = ["ATTEMPT_FINALIZER", "TaskEntry", "TaskIndex", "TaskKey"]
+
+#: On every PipelineTask while its attempt has no outcome: deleting one then reports it
+#: (dptr.PipelineTaskDeleted) before it goes.
+ATTEMPT_FINALIZER = "dptr.dev/attempt"
 
 TaskKey = tuple[str, str]  # (namespace, name)
 
@@ -50,6 +54,12 @@ class TaskEntry:
     report_progress_timeout: int | None = None
     finished_at: datetime | None = None
     created_at: datetime | None = None
+    #: A user (or the garbage collector) deleted the PipelineTask; the finalizer holds it.
+    deleting: bool = False
+    #: The operator's attempt finalizer is still on the object.
+    finalized: bool = False
+    #: ``stage: true`` with outputs: a FINISHED needs the sidecar's confirmed upload.
+    staged_outputs: bool = False
     #: Operator-side, not persisted: since when a pod problem (image pull, unschedulable,
     #: pod ended without a report) has been seen, and what it is.
     problem: str | None = None
@@ -58,6 +68,14 @@ class TaskEntry:
     problem_outcome: Any = None
     #: A fallback report or a cancel is being worked on (not persisted).
     busy: bool = False
+    #: Since when (monotonic) this process knows the task's Job, and whether it has seen a
+    #: pod of it: a Job with no pod past a grace was refused its pods (not persisted).
+    job_since: float | None = None
+    pod_seen: bool = False
+    #: The operator finished what follows an outcome (finalizer, TTL; not persisted).
+    settled: bool = False
+    #: A deletion of a canceled task's leftover Job was requested (not persisted).
+    stopping: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,6 +99,8 @@ class TaskEntry:
         heartbeat = status.get("heartbeat") or {}
         report = status.get("report") or {}
         canceled = status.get("canceled") or {}
+        fields, refs = spec.get("fields") or {}, spec.get("refs") or {}
+        stage = str((fields.get("stage") or [""])[0]).strip().lower() == "true"
         return cls(
             namespace=str(meta.get("namespace") or ""),
             name=str(meta.get("name") or ""),
@@ -103,6 +123,9 @@ class TaskEntry:
             report_progress_timeout=spec.get("reportProgressTimeoutSeconds"),
             finished_at=parse_time(report.get("reportedAt") or canceled.get("at")),
             created_at=parse_time(meta.get("creationTimestamp")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            finalized=ATTEMPT_FINALIZER in (meta.get("finalizers") or []),
+            staged_outputs=stage and bool(refs.get("output")),
         )
 
     def absorb(self, newer: TaskEntry) -> None:
@@ -126,6 +149,8 @@ class TaskEntry:
             "canceled",
             "finished_at",
             "uid",
+            "deleting",
+            "finalized",
         ):
             setattr(self, name, getattr(newer, name))
 

@@ -43,7 +43,23 @@ __all__ = ["Assessment", "assess_job", "assess_pod", "cancel_task", "report_outc
 
 log = logging.getLogger(__name__)
 
-ProblemKind = Literal["ImagePull", "Unschedulable", "Ended", "Deadline", "Lost"]
+ProblemKind = Literal[
+    "ImagePull", "Unschedulable", "Ended", "Deadline", "Lost", "Deleted", "JobDeleted", "PodRejected"
+]
+
+#: Which problem decides the outcome when there are several (lower wins): a deleted
+#: PipelineTask, a passed deadline, the task's own end (its exit is known), a deleted Job,
+#: refused pods, a lost pod, then what may still resolve itself.
+PROBLEM_RANK: dict[str, int] = {
+    "Deleted": 0,
+    "Deadline": 1,
+    "Ended": 2,
+    "JobDeleted": 3,
+    "PodRejected": 4,
+    "Lost": 5,
+    "ImagePull": 6,
+    "Unschedulable": 6,
+}
 
 _IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 
@@ -160,8 +176,54 @@ def assess_job(job: Mapping[str, Any], *, deleted: bool = False) -> Assessment:
                 None, None, "Deadline", outcome_for_pod_failure("DeadlineExceeded", condition.get("message"))
             )
     if deleted:
-        return Assessment(None, None, "Lost", outcome_for_pod_failure("PodLost", f"Job {name} was deleted"))
+        return Assessment(
+            None, None, "JobDeleted", outcome_for_pod_failure("JobDeleted", f"Job {name} was deleted")
+        )
     return Assessment()
+
+
+def job_finished(job: Mapping[str, Any]) -> bool:
+    """Whether the Job is Complete or Failed (its pods are done)."""
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
+
+
+#: What a FailedCreate message says about why the Job controller could not make the pod.
+_POD_REFUSALS = (
+    ("exceeded quota", "Quota"),
+    ("violates PodSecurity", "PodSecurity"),
+    ("serviceaccount", "ServiceAccount"),
+    ("denied the request", "Denied"),
+)
+
+
+def assess_refused_pods(job_name: str, message: str | None, grace: float) -> Assessment:
+    """A Job that has had no pod for its whole grace: FAILED ``dptr.PodRejected.<cause>``,
+    with the Job controller's own FailedCreate message when there is one."""
+    if not message:
+        return Assessment(
+            None,
+            None,
+            "PodRejected",
+            Outcome(
+                "FAILED",
+                "dptr.PodRejected.NoPod",
+                f"Job {job_name} made no pod within {grace:.0f}s and recorded no reason",
+            ),
+        )
+    lowered = message.lower()
+    cause = next((c for needle, c in _POD_REFUSALS if needle.lower() in lowered), "FailedCreate")
+    return Assessment(
+        None,
+        None,
+        "PodRejected",
+        Outcome(
+            "FAILED", f"dptr.PodRejected.{cause}", f"the Job controller could not create the pod: {message}"
+        ),
+        message,
+    )
 
 
 # --------------------------------------------------------------------------- actions
@@ -175,12 +237,14 @@ def delete_job(op: Operator, entry: TaskEntry) -> None:
 
 
 def cancel_task(op: Operator, entry: TaskEntry, reason: str, message: str) -> None:
-    """Data Pipeline canceled the task (or forgot it): delete the Job, record Canceled,
-    and never call SetTaskStatus."""
-    try:
-        delete_job(op, entry)
-    except ApiError as exc:
-        log.warning("%s/%s: deleting the Job for a cancel failed: %s", entry.namespace, entry.name, exc)
+    """Data Pipeline canceled the task (or forgot it): record Canceled, then delete the Job,
+    and never call SetTaskStatus.
+
+    In that order: a crash between the two leaves a Canceled task with a live Job, which
+    the next operator finishes (``on_job_event``); the other order would leave a deleted
+    Job and an open attempt whose fallback reports FAILED after the cancel.  A cancel the
+    ledger refuses (a report is already claimed) deletes nothing: the claim's outcome
+    stands and its holder may still need the pod."""
     try:
         recorded = ledger.mark_canceled(
             op.kube, entry.namespace, entry.name, by=op.config.holder, reason=reason, message=message
@@ -188,15 +252,25 @@ def cancel_task(op: Operator, entry: TaskEntry, reason: str, message: str) -> No
     except NotFound:
         op.index.remove(entry.key)
         return
-    if recorded:
-        op.index.update(entry.key, canceled=True, phase="Canceled")
-        op.events.emit(pipeline_task_ref(entry.namespace, entry.name, entry.uid), "Canceled", message)
-        op.task_finished(entry, "Canceled")
+    if not recorded:
+        return
+    op.index.update(entry.key, canceled=True, phase="Canceled")
+    try:
+        delete_job(op, entry)
+    except ApiError as exc:
+        log.warning("%s/%s: deleting the Job for a cancel failed: %s", entry.namespace, entry.name, exc)
+    op.events.emit(pipeline_task_ref(entry.namespace, entry.name, entry.uid), "Canceled", message)
+    op.task_finished(entry, "Canceled")
+
+
+class FinalityUnknown(Exception):  # noqa: N818 - reads as what it is
+    """Data Pipeline could not say whether the attempt already has its final status."""
 
 
 def _already_final(op: Operator, dp: DataPipelineClient, entry: TaskEntry, deadline: float) -> bool:
     """Whether Data Pipeline already has a final status for the attempt (after a restart
-    between SetTaskStatus and recording it). Retried: guessing "no" could report twice."""
+    between SetTaskStatus and recording it).  Retried until ``deadline``; when it cannot
+    be answered, raises :class:`FinalityUnknown`: guessing "no" could report twice."""
     try:
         return call_with_retry(
             lambda: dp.attempt_is_final(entry.pipeline_id, entry.attempt_id),
@@ -205,13 +279,7 @@ def _already_final(op: Operator, dp: DataPipelineClient, entry: TaskEntry, deadl
             cap=max(op.config.scaled(30.0), 0.5),
         )
     except DataPipelineError as exc:
-        log.warning(
-            "%s/%s: DescribeObjects failed (%s); reporting, a refusal counts as done",
-            entry.namespace,
-            entry.name,
-            exc,
-        )
-        return False
+        raise FinalityUnknown(str(exc)) from exc
 
 
 def report_outcome(
@@ -257,6 +325,14 @@ def report_outcome(
             return False
         except DataPipelineError as exc:
             log.info("%s/%s: probe before reporting failed: %s", entry.namespace, entry.name, exc)
+    if outcome.status == "FINISHED" and entry.staged_outputs:
+        # Only the sidecar uploads staged outputs, and it did not confirm them: reporting
+        # FINISHED here would tell downstream activities data is there when it may not be.
+        outcome = Outcome(
+            "FAILED",
+            "dptr.StagingFailed.Incomplete",
+            "the task exited 0, but its staged outputs were not confirmed uploaded by the sidecar",
+        )
     stale_after = op.config.scaled(op.config.claim_stale_after_seconds)
     try:
         claim = ledger.claim_report(
@@ -284,7 +360,25 @@ def report_outcome(
     # been reported: ask Data Pipeline before calling SetTaskStatus a second time.
     maybe_reported = claim.resumed or claim.taken_over_from is not None
     deadline = time.monotonic() + max(stale_after * 0.5, 1.0)
-    reported_already = maybe_reported and _already_final(op, dp, entry, deadline)
+    try:
+        reported_already = maybe_reported and _already_final(op, dp, entry, deadline)
+    except FinalityUnknown as exc:
+        # Not reporting blind: the claim stays ours, heartbeats go on, and the sweep asks
+        # again after the next grace (docs/operator.md).
+        log.warning(
+            "%s/%s: cannot tell whether the attempt was already reported (%s); asking again later",
+            entry.namespace,
+            entry.name,
+            exc,
+        )
+        op.events.emit(
+            pipeline_task_ref(entry.namespace, entry.name, entry.uid),
+            "ReportDeferred",
+            f"Data Pipeline could not say whether the attempt already has its outcome ({exc}); "
+            "the report waits until it can",
+            "Warning",
+        )
+        return False
     if not reported_already:
         kwargs = Outcome(claim.status, claim.error_id, claim.error_message).set_task_status_kwargs(
             entry.task_id

@@ -141,6 +141,8 @@ class RunnerWorker:
         #: Set after the first ReportTaskRunnerHeartbeat (whatever its result): a runner
         #: told to terminate must not have polled in the meantime.
         self._registered = threading.Event()
+        #: No polling before this (monotonic): the namespace refused a Job for its quota.
+        self._held_until = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -289,7 +291,22 @@ class RunnerWorker:
             or self.spec.paused
             or self.health.terminated
             or self.health.refusal is not None
+            or time.monotonic() < self._held_until
             or not self.op.leading
+        )
+
+    def hold_polling(self, seconds: float, why: str) -> None:
+        """Poll nothing for ``seconds``: new tasks could not run either (a quota is full)."""
+        until = time.monotonic() + seconds
+        if until <= self._held_until:
+            return
+        self._held_until = until
+        log.warning("%s/%s: polling held for %.1fs: %s", self.namespace, self.name, seconds, why)
+        self.op.events.emit(
+            task_runner_ref(self.namespace, self.name, self.runner.metadata.uid),
+            "PollingHeld",
+            f"polling paused for {seconds:.0f}s: {why}",
+            "Warning",
         )
 
     def active(self) -> int:

@@ -19,8 +19,16 @@ from typing import Any
 import pydantic
 
 from dptr_common import ledger, naming
-from dptr_common.errors import Outcome
-from dptr_common.kube import ApiError, KubeClient, NotFound, pipelinetask_path, taskrunner_path
+from dptr_common.errors import Outcome, TaskError, outcome_for_pod_failure
+from dptr_common.kube import (
+    ApiError,
+    KubeClient,
+    NotFound,
+    event_path,
+    job_path,
+    pipelinetask_path,
+    taskrunner_path,
+)
 from dptr_common.models import PipelineTask, TaskRunner
 from dptr_common.pacing import heartbeat_interval
 from dptr_operator import dispatch as dispatching
@@ -29,7 +37,7 @@ from dptr_operator.config import OperatorConfig
 from dptr_operator.events import EventRecorder, pipeline_task_ref, task_runner_ref
 from dptr_operator.health import HealthState
 from dptr_operator.heartbeats import HeartbeatScheduler
-from dptr_operator.index import TaskEntry, TaskIndex, TaskKey
+from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry, TaskIndex, TaskKey
 from dptr_operator.metrics import Metrics
 from dptr_operator.polling import RunnerWorker
 from dptr_operator.statuswriter import StatusWriter
@@ -120,7 +128,11 @@ class Operator:
                 entry.extra["counted"] = entry.terminal
                 count += 1
                 if not entry.terminal:
+                    if entry.job_name:
+                        entry.job_since = time.monotonic()  # its pods get a grace from now
                     self.scheduler.schedule_new(entry)
+                elif entry.finalized:
+                    self._settle_later(entry)
         log.info(
             "rebuilt the index from %d PipelineTask(s) (%d active) in %.2fs",
             count,
@@ -257,6 +269,21 @@ class Operator:
             worker = self.worker_for(entry)
             if worker is not None:
                 worker.capacity_changed()
+            if entry.finalized:
+                self._settle_later(entry)
+            return
+        if entry.deleting:
+            # Deleted by a user (or with its TaskRunner's namespace) while the attempt is
+            # open: the finalizer holds the object until the attempt is reported.
+            self._note_problem(
+                entry,
+                outcomes.Assessment(
+                    problem="Deleted",
+                    outcome=outcome_for_pod_failure(
+                        "PipelineTaskDeleted", f"PipelineTask {entry.name} was deleted"
+                    ),
+                ),
+            )
         elif entry.heartbeat_owner == "sidecar":
             # The sidecar took over (or refreshed): re-check when it could go stale.
             self.scheduler.schedule_new(entry)
@@ -270,6 +297,7 @@ class Operator:
         entry = self._task_for(meta.get("labels") or {}, str(meta.get("namespace")))
         if entry is None or entry.terminal:
             return
+        entry.pod_seen = True
         assessment = outcomes.assess_pod(body, entry.object_type, deleted=event_type == "DELETED")
         if assessment.phase == "Running" and (
             entry.phase != "Running" or entry.pod_name != assessment.pod_name
@@ -284,11 +312,17 @@ class Operator:
     def on_job_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         entry = self._task_for(meta.get("labels") or {}, str(meta.get("namespace")))
-        if entry is None or entry.terminal:
+        if entry is None:
             return
-        assessment = outcomes.assess_job(body, deleted=event_type == "DELETED")
-        if assessment.problem == "Deadline" or (assessment.problem and entry.problem is None):
-            self._note_problem(entry, assessment)
+        if entry.terminal:
+            # Canceled, but its Job still there: the canceler stopped between recording the
+            # cancel and deleting the Job (cancels are recorded first).  Finish it.
+            alive = event_type != "DELETED" and not meta.get("deletionTimestamp")
+            if entry.canceled and alive and not outcomes.job_finished(body) and not entry.stopping:
+                entry.stopping = True
+                self.submit(outcomes.delete_job, self, entry)
+            return
+        self._note_problem(entry, outcomes.assess_job(body, deleted=event_type == "DELETED"))
 
     def _note_problem(self, entry: TaskEntry, assessment: outcomes.Assessment) -> None:
         with self.index.lock:
@@ -297,7 +331,11 @@ class Operator:
                     entry.problem = None
                     entry.problem_since = None
                 return
-            if entry.problem == "Deadline" and assessment.problem != "Deadline":
+            # What decides the outcome when several things are wrong: a deleted PipelineTask
+            # above all, then a passed deadline, then the task's own end (its exit is
+            # known), then a deleted Job, then the rest.
+            rank = outcomes.PROBLEM_RANK
+            if entry.problem is not None and rank.get(assessment.problem, 9) > rank.get(entry.problem, 9):
                 return
             if entry.problem != assessment.problem:
                 entry.problem = assessment.problem
@@ -313,6 +351,9 @@ class Operator:
             "Ended": cfg.sidecar_report_grace_seconds,
             "Lost": cfg.sidecar_report_grace_seconds,
             "Deadline": 0.0,
+            "Deleted": 0.0,
+            "JobDeleted": 0.0,
+            "PodRejected": 0.0,
         }
         return cfg.scaled(graces.get(problem, cfg.sidecar_report_grace_seconds))
 
@@ -346,24 +387,7 @@ class Operator:
             log.info("adding the finalizer to %s/%s: %s (retried on the next event)", key[0], key[1], exc)
 
     def _remove_finalizer(self, key: TaskKey) -> None:
-        for _ in range(10):
-            try:
-                obj = self.kube.get(taskrunner_path(*key))
-            except NotFound:
-                return
-            meta = obj.get("metadata") or {}
-            finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
-            try:
-                self.kube.patch(
-                    taskrunner_path(*key),
-                    {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
-                )
-                return
-            except NotFound:
-                return
-            except ApiError as exc:
-                log.info("removing the finalizer of %s/%s: %s", key[0], key[1], exc)
-                time.sleep(0.2)
+        remove_finalizer(self.kube, taskrunner_path(*key), FINALIZER)
 
     # ------------------------------------------------------------------ background work
 
@@ -378,16 +402,66 @@ class Operator:
                 name = dispatching.ensure_job(self, worker, entry, task, obj)
             except NotFound:
                 continue
+            except TaskError as exc:  # refused, or cannot run: FAILED once
+                dispatching.fail_before_job(self, worker, entry, exc)
+                continue
             except Exception as exc:
-                from dptr_common.errors import TaskError, outcome_for_task_error
-
-                if isinstance(exc, TaskError):
-                    self.submit(self.report, entry, outcome_for_task_error(exc), "invalid task", False, False)
-                else:
-                    log.warning("%s/%s: could not create the Job: %s", entry.namespace, entry.name, exc)
+                log.warning("%s/%s: could not create the Job: %s", entry.namespace, entry.name, exc)
                 continue
             self._patch_status(entry, {"jobName": name})
-            self.index.update(entry.key, job_name=name)
+            self.index.update(entry.key, job_name=name, job_since=time.monotonic())
+
+    def _check_podless_job(self, entry: TaskEntry) -> None:
+        """A Job without a pod past its grace: gone, or refused its pods (the Job
+        controller's FailedCreate Event says why).  Either ends the attempt FAILED."""
+        assert entry.job_name is not None
+        try:
+            self.kube.get(job_path(entry.namespace, entry.job_name))
+        except NotFound:
+            self._note_problem(
+                entry, outcomes.assess_job({"metadata": {"name": entry.job_name}}, deleted=True)
+            )
+            return
+        pods = self.kube.list(
+            f"/api/v1/namespaces/{entry.namespace}/pods",
+            label_selector=f"{naming.LABEL_PIPELINE_TASK}={naming.label_value(entry.name)}",
+        )
+        if pods:
+            entry.pod_seen = True  # the watch will tell the rest
+            return
+        events = self.kube.list(
+            event_path(entry.namespace),
+            field_selector=f"involvedObject.name={entry.job_name},involvedObject.kind=Job,reason=FailedCreate",
+        )
+        message = next((str(e.get("message")) for e in reversed(events) if e.get("message")), None)
+        self._note_problem(
+            entry, outcomes.assess_refused_pods(entry.job_name, message, self.config.pod_create_grace_seconds)
+        )
+
+    def _settle_later(self, entry: TaskEntry) -> None:
+        if not entry.settled:
+            entry.settled = True
+            self.submit(self._settle, entry)
+
+    def _settle(self, entry: TaskEntry) -> None:
+        """After the outcome is recorded: finish a cancel's Job deletion (a canceler may
+        have stopped between recording the cancel and deleting the Job), start the Job's
+        TTL (never earlier, so a TTL cannot remove what an unreported attempt's fallback
+        needs), then let go of the finalizer."""
+        if entry.canceled and not entry.stopping:
+            entry.stopping = True
+            try:
+                outcomes.delete_job(self, entry)
+            except ApiError as exc:
+                log.warning("%s/%s: deleting a canceled task's Job: %s", entry.namespace, entry.name, exc)
+        worker = self.worker_for(entry)
+        ttl = worker.spec.job_template.ttl_seconds_after_finished if worker is not None else None
+        if ttl is not None and entry.job_name:
+            with contextlib.suppress(NotFound):
+                self.kube.patch(
+                    job_path(entry.namespace, entry.job_name), {"spec": {"ttlSecondsAfterFinished": ttl}}
+                )
+        remove_finalizer(self.kube, pipelinetask_path(entry.namespace, entry.name), ATTEMPT_FINALIZER)
 
     def _finalize_runner(self, worker: RunnerWorker) -> None:
         """A deleted TaskRunner: stop and fail its unfinished tasks, then let it go."""
@@ -459,9 +533,17 @@ class Operator:
             outcome = entry.problem_outcome
             if outcome is None:
                 continue
-            stop_job = entry.problem in ("ImagePull", "Unschedulable")
+            stop_job = entry.problem in ("ImagePull", "Unschedulable", "Deleted", "PodRejected")
             entry.problem_since = now  # retried after another grace if this attempt fails
             self.submit(self.report, entry, outcome, f"pod problem {entry.problem}", stop_job, True)
+        # Jobs whose pods never appeared: refused (quota, admission, a missing account) or gone.
+        pod_grace = self.config.scaled(self.config.pod_create_grace_seconds)
+        for entry in self.index:
+            if entry.terminal or entry.busy or entry.pod_seen or entry.problem is not None:
+                continue
+            if entry.job_name and entry.job_since is not None and now - entry.job_since >= pod_grace:
+                entry.job_since = now  # looked at again after another grace
+                self.submit(self._check_podless_job, entry)
         # History limits, every few sweeps.
         if now - self._last_history >= max(self.config.scaled(30), 1.0):
             self._last_history = now
@@ -477,3 +559,28 @@ class Operator:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def remove_finalizer(kube: KubeClient, path: str, finalizer: str) -> None:
+    """Take ``finalizer`` off the object at ``path`` (conditional on the version read, so
+    another controller's finalizers are never lost); gone is done."""
+    for _ in range(10):
+        try:
+            obj = kube.get(path)
+        except NotFound:
+            return
+        meta = obj.get("metadata") or {}
+        current = meta.get("finalizers") or []
+        if finalizer not in current:
+            return
+        kept = [f for f in current if f != finalizer]
+        try:
+            kube.patch(
+                path, {"metadata": {"finalizers": kept, "resourceVersion": meta.get("resourceVersion")}}
+            )
+            return
+        except NotFound:
+            return
+        except ApiError as exc:
+            log.info("removing the finalizer %s of %s: %s", finalizer, path, exc)
+            time.sleep(0.2)

@@ -217,8 +217,9 @@ class Sidecar:
                 log.info("%s failed (%s); retrying", what, exc)
                 time.sleep(min(0.2 * 2**attempt, 5.0))
 
-    def _already_final(self, deadline: float) -> bool:
-        """Ask Data Pipeline whether our attempt already has its final status."""
+    def _already_final(self, deadline: float) -> bool | None:
+        """Ask Data Pipeline whether our attempt already has its final status (retried until
+        ``deadline``); None when it cannot say."""
         from dptr_common.datapipeline import DataPipelineError
 
         try:
@@ -226,8 +227,8 @@ class Sidecar:
                 self._call_dp(lambda: self.dp.attempt_is_final(self.pipeline_id, self.attempt_id), deadline)
             )
         except DataPipelineError as exc:
-            log.warning("could not ask whether the attempt is already final (%s); reporting", exc)
-            return False
+            log.warning("could not ask whether the attempt is already final (%s); not reporting", exc)
+            return None
 
     def _call_dp(self, fn: Callable[[], Any], deadline: float) -> Any:
         from dptr_common.datapipeline import call_with_retry
@@ -267,6 +268,10 @@ class Sidecar:
         self._job_name = status.get("jobName")
         if _settled(status):
             log.info("the task is already %s; nothing left to do", _settled(status))
+            if _settled(status) == "canceled":
+                # The canceler may have stopped between recording the cancel and deleting
+                # the Job (cancels are recorded first): finish its work.
+                self._delete_job()
             return 0
         claim = (status.get("report") or {}).get("claimedBy")
 
@@ -442,17 +447,13 @@ class Sidecar:
 
     # ---------------------------------------------------------------- cancel
 
-    def _cancel(self, reason: str, detail: str) -> int:
+    def _cancel(self, reason: str, detail: str, *, over_own_claim: bool = False) -> int:
+        """Record the cancel, then delete the Job: a crash in between leaves a Canceled task
+        whose Job the operator (or this sidecar, restarted) finishes; never a deleted Job
+        under an open attempt.  A cancel the ledger refuses deletes nothing."""
         cfg = self.config
         self.stop_heartbeats.set()
-        log.info("the task was canceled (%s: %s): deleting Job %s", reason, detail, self._job_name)
-        if self._job_name:
-            try:
-                self.kube.delete(job_path(cfg.namespace, self._job_name), propagation_policy="Background")
-            except NotFound:
-                pass
-            except ApiError as exc:
-                log.error("could not delete Job %s: %s", self._job_name, exc)
+        log.info("the task was canceled (%s: %s)", reason, detail)
         try:
             recorded = mark_canceled(
                 self.kube,
@@ -461,12 +462,25 @@ class Sidecar:
                 by=self.holder,
                 reason=reason,
                 message=f"canceled at Data Pipeline ({detail}); the sidecar deleted the Job",
+                over_own_claim=over_own_claim,
             )
         except NotFound:
             return 0
         if recorded:
+            self._delete_job()
             self._event("Canceled", f"canceled at Data Pipeline ({detail}); Job {self._job_name} deleted")
         return 0
+
+    def _delete_job(self) -> None:
+        if not self._job_name:
+            return
+        log.info("deleting Job %s", self._job_name)
+        try:
+            self.kube.delete(job_path(self.config.namespace, self._job_name), propagation_policy="Background")
+        except NotFound:
+            pass
+        except ApiError as exc:
+            log.error("could not delete Job %s: %s", self._job_name, exc)
 
     # ---------------------------------------------------------------- report
 
@@ -481,22 +495,15 @@ class Sidecar:
         # not make the task miss its reportProgressTimeout.
         outcome = end.outcome
         log.info("%s ended (%s): %s %s", end.container, end.summary, outcome.status, outcome.error_id or "")
-        deadline = time.monotonic() + self.scaled(REPORT_RETRY_BUDGET)
+        if end.pod_deleting:
+            # The pod is going because its Job or PipelineTask was deleted (or canceled):
+            # whoever deleted it claims first, naming why; give them a moment.
+            time.sleep(min(1.0, self._grace / 10))
 
-        # Last word from the service: a task canceled meanwhile must get no SetTaskStatus.
-        # (When the pod is deleted because of a cancel, the task container is killed
-        # first; this is what keeps that exit from being reported.)
-        try:
-            if self._call_dp(lambda: self.dp.report_task_progress(self.task_id), deadline):
-                return self._cancel(*CANCELED)
-        except TaskGone as exc:
-            return self._cancel(exc.code or "TaskGone", exc.message)
-        except DataPipelineError as exc:
-            log.warning("the last cancel check failed (%s); reporting anyway", exc)
-
-        # Claim first: while outputs and logs upload, the operator's fallback must wait.
-        # With staged outputs to upload after exit 0 the claim says "interrupted" until
-        # they are in S3, so nobody taking it over could report FINISHED without them.
+        # Claim first, before anything slow: from here on nobody else reports, and with
+        # staged outputs to upload after exit 0 the claim says "interrupted" until they
+        # are in S3, so nobody taking it over could report FINISHED without them.  The
+        # only window before it is this one API write.
         uploading_outputs = task_io and outcome.status == "FINISHED" and _has_staged_outputs(self.env)
         provisional = UPLOAD_INTERRUPTED if uploading_outputs else outcome
         try:
@@ -518,6 +525,19 @@ class Sidecar:
             log.info("not reporting: someone else holds or made the report, or the task is canceled")
             self.stop_heartbeats.set()
             return 0
+
+        # Last word from the service: a task canceled meanwhile must get no SetTaskStatus.
+        # (When the pod is deleted because of a cancel, the task container is killed
+        # first; this is what keeps that exit from being reported.)  A cancel drops our
+        # own claim.
+        deadline = time.monotonic() + self.scaled(REPORT_RETRY_BUDGET)
+        try:
+            if self._call_dp(lambda: self.dp.report_task_progress(self.task_id), deadline):
+                return self._cancel(*CANCELED, over_own_claim=True)
+        except TaskGone as exc:
+            return self._cancel(exc.code or "TaskGone", exc.message, over_own_claim=True)
+        except DataPipelineError as exc:
+            log.warning("the last cancel check failed (%s); reporting anyway", exc)
 
         trace: bytes | None = None
         # A resumed claim was revised (and maybe reported) before a restart, unless it still
@@ -549,7 +569,20 @@ class Sidecar:
         report_deadline = deadline + self.scaled(REPORT_RETRY_BUDGET)
         # Restarted between SetTaskStatus and recording it? Reporting again would
         # be a second final status.
-        already = claim.resumed and self._already_final(report_deadline)
+        already = False
+        if claim.resumed:
+            known = self._already_final(report_deadline)
+            if known is None:
+                # Never report blind: the claim stays ours, and the operator takes it over
+                # once it sees it unchanged long enough, and asks again.
+                self._event(
+                    "ReportDeferred",
+                    "Data Pipeline could not say whether the attempt already has its outcome; "
+                    "leaving the report to the operator",
+                    "Warning",
+                )
+                return 0
+            already = known
         if already:
             note = " (already recorded by Data Pipeline before a restart)"
         try:

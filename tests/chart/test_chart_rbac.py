@@ -99,14 +99,17 @@ STATUS = ("--subresource=status",)
 Case = tuple[str, str, str | None, tuple[str, ...]]
 
 OPERATOR_MAY: list[Case] = [
-    *[(v, PT, "a", ()) for v in ("get", "list", "watch", "create", "delete")],
+    # patch: its own finalizer, once the attempt's outcome is recorded.
+    *[(v, PT, "a", ()) for v in ("get", "list", "watch", "create", "delete", "patch")],
     *[(v, PT, "b", STATUS) for v in ("get", "patch", "update")],
     *[(v, TR, "a", ()) for v in ("get", "list", "watch", "patch")],
     *[(v, TR, "a", STATUS) for v in ("get", "patch")],
-    *[(v, JOBS, "a", ()) for v in ("get", "list", "watch", "create", "delete")],
+    # patch: the TTL, once the attempt's outcome is recorded.
+    *[(v, JOBS, "a", ()) for v in ("get", "list", "watch", "create", "delete", "patch")],
     *[(v, "pods", "b", ()) for v in ("get", "list", "watch")],
     ("get", "pods", "a", ("--subresource=log",)),
     ("create", "events", "a", ()),
+    ("list", "events", "a", ()),  # a Job's FailedCreate
     ("get", f"secrets/{CREDS}", "a", ()),
     ("create", LEASES, "rel", ()),
     ("get", f"{LEASES}/dptr-operator", "rel", ()),
@@ -127,13 +130,11 @@ OPERATOR_MAY_NOT: list[Case] = [
     ("delete", "pods", "a", ()),
     ("patch", "pods", "a", ()),
     ("update", JOBS, "a", ()),
-    ("patch", JOBS, "a", ()),
     ("deletecollection", JOBS, "a", ()),
     ("create", TR, "a", ()),
     ("delete", TR, "a", ()),
     ("update", TR, "a", ()),
-    # The PipelineTask itself is never rewritten: only its status.
-    ("patch", PT, "a", ()),
+    # The PipelineTask itself is never rewritten: only its status (and its finalizer).
     ("update", PT, "a", ()),
     ("get", "configmaps", "a", ()),
     ("create", "serviceaccounts", "a", ("--subresource=token",)),

@@ -112,9 +112,27 @@ def test_render_job_is_render_staging_over_the_base_job() -> None:
         "namespace": "data",
         "owner": {"metadata": {"name": "pt-1", "uid": "uid-1"}},
     }
-    assert render_job(task, runner, **args) == render_staging(
-        render_base_job(task, runner, **args), task, runner
-    )
+    job = render_job(task, runner, **args)
+    staged = render_staging(render_base_job(task, runner, **args), task, runner)
+    # ... with the grace the uploads need on top.
+    pod = staged["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    pod["terminationGracePeriodSeconds"] = 330
+    assert job == staged
+
+
+def test_the_grace_covers_the_uploads_or_is_the_task_runners() -> None:
+    args: dict[str, Any] = {
+        "sidecar_image": "i",
+        "namespace": "data",
+        "owner": {"metadata": {"name": "p", "uid": "u"}},
+    }
+    grace = lambda job: job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]  # noqa: E731
+    assert grace(render_job(_task(command="true"), _runner(), **args)) == 30
+    assert grace(render_job(_staged_task(), _runner(), **args)) == 330
+    assert grace(render_job(_task(command="true", stdout="s3://l/o"), _runner(), **args)) == 330
+    own = _runner(jobTemplate={"image": "x", "terminationGracePeriodSeconds": 900})
+    assert grace(render_job(_staged_task(), own, **args)) == 900
 
 
 def test_sidecar_env_reaches_every_init_container_of_ours_but_not_the_task() -> None:

@@ -13,7 +13,7 @@ from dptr_operator.heartbeats import TokenBucket, sidecar_stale_after
 from dptr_operator.history import expired
 from dptr_operator.index import TaskEntry, TaskIndex
 from dptr_operator.leader import lease_is_free
-from dptr_operator.outcomes import assess_job, assess_pod
+from dptr_operator.outcomes import PROBLEM_RANK, assess_job, assess_pod, assess_refused_pods
 from dptr_operator.polling import RunnerHealth, conditions_for
 
 
@@ -110,7 +110,38 @@ def test_assess_job_deadline() -> None:
         and verdict.outcome.error_id == "dptr.DeadlineExceeded"
     )
     assert assess_job({"metadata": {"name": "j"}, "status": {}}).problem is None
-    assert assess_job({"metadata": {"name": "j"}}, deleted=True).problem == "Lost"
+    deleted = assess_job({"metadata": {"name": "j"}}, deleted=True)
+    assert deleted.problem == "JobDeleted" and deleted.outcome is not None
+    assert deleted.outcome.error_id == "dptr.JobDeleted"
+
+
+def test_refused_pods_are_named_by_the_job_controllers_message() -> None:
+    quota = assess_refused_pods(
+        "j",
+        'pods "j-abcde" is forbidden: exceeded quota: q, requested: pods=1, used: pods=1, limited: pods=1',
+        300,
+    )
+    assert quota.problem == "PodRejected" and quota.outcome is not None
+    assert quota.outcome.error_id == "dptr.PodRejected.Quota"
+    assert "exceeded quota" in (quota.outcome.error_message or "")
+    pss = assess_refused_pods(
+        "j", 'pods "j-x" is forbidden: violates PodSecurity "restricted:latest": ...', 300
+    )
+    assert pss.outcome is not None and pss.outcome.error_id == "dptr.PodRejected.PodSecurity"
+    account = assess_refused_pods(
+        "j",
+        'pods "j-x" is forbidden: error looking up service account ns/x: serviceaccount "x" not found',
+        300,
+    )
+    assert account.outcome is not None and account.outcome.error_id == "dptr.PodRejected.ServiceAccount"
+    silent = assess_refused_pods("j", None, 300)
+    assert silent.outcome is not None and silent.outcome.error_id == "dptr.PodRejected.NoPod"
+    assert "300s" in (silent.outcome.error_message or "")
+
+
+def test_the_deciding_problem_ranks() -> None:
+    rank = PROBLEM_RANK
+    assert rank["Deleted"] < rank["Deadline"] < rank["Ended"] < rank["JobDeleted"] < rank["PodRejected"]
 
 
 def _entry(name: str, phase: str, minutes: int, runner: str = "r") -> TaskEntry:

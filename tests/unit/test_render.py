@@ -338,7 +338,8 @@ def test_template_env_and_settings() -> None:
     assert pod["serviceAccountName"] == "etl-tasks"
     assert pod["nodeSelector"] == {"pool": "batch"}
     assert pod["tolerations"][0]["key"] == "batch"
-    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    # The TTL starts only once the outcome is recorded (the operator patches it in then).
+    assert "ttlSecondsAfterFinished" not in job["spec"]
     assert job["spec"]["template"]["metadata"]["labels"]["team"] == "data"
     assert job["spec"]["template"]["metadata"]["labels"][naming.LABEL_ROLE] == "task"
 

@@ -101,13 +101,32 @@ def test_parse_period(text: str, seconds: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "15", "minutes", "0 minutes", "-1 hours", "1.5 hours", "5 fortnights", "PT15M"]
+    "text",
+    [
+        "",
+        "15",
+        "minutes",
+        "0 minutes",
+        "-1 hours",
+        "1.5 hours",
+        "5 fortnights",
+        "PT15M",
+        # Unbounded: would overflow activeDeadlineSeconds (int64) and make the Job invalid.
+        "300000000000 years",
+        "367 days",
+        "9" * 5000 + " seconds",
+    ],
 )
 def test_parse_period_rejects(text: str) -> None:
     with pytest.raises(TaskError) as info:
         parse_period(text, field="attemptTimeout")
     assert info.value.error_id == "dptr.InvalidTask.BadPeriod.attemptTimeout"
-    assert repr(text) in info.value.message
+    assert repr(text[:64]) in info.value.message
+
+
+def test_the_longest_period_is_a_leap_year() -> None:
+    assert parse_period("366 days") == 366 * 86400
+    assert parse_period("52 weeks") == 52 * 7 * 86400
 
 
 def test_parse_bool() -> None:
