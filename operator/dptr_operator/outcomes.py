@@ -236,7 +236,9 @@ def delete_job(op: Operator, entry: TaskEntry) -> None:
         op.kube.delete(job_path(entry.namespace, name), propagation_policy="Background")
 
 
-def cancel_task(op: Operator, entry: TaskEntry, reason: str, message: str) -> None:
+def cancel_task(
+    op: Operator, entry: TaskEntry, reason: str, message: str, *, over_own_claim: bool = False
+) -> None:
     """Data Pipeline canceled the task (or forgot it): record Canceled, then delete the Job,
     and never call SetTaskStatus.
 
@@ -247,7 +249,13 @@ def cancel_task(op: Operator, entry: TaskEntry, reason: str, message: str) -> No
     stands and its holder may still need the pod."""
     try:
         recorded = ledger.mark_canceled(
-            op.kube, entry.namespace, entry.name, by=op.config.holder, reason=reason, message=message
+            op.kube,
+            entry.namespace,
+            entry.name,
+            by=op.config.holder,
+            reason=reason,
+            message=message,
+            over_own_claim=over_own_claim,
         )
     except NotFound:
         op.index.remove(entry.key)
@@ -294,9 +302,11 @@ def report_outcome(
     """The operator's fallback SetTaskStatus, through the ledger.  Returns True when this
     call reported (or found it reported), False when someone else holds the outcome.
 
-    1. probe: a ReportTaskProgress first; a task Data Pipeline canceled is canceled, not
-       failed (SetTaskStatus after a cancel is a protocol violation);
-    2. claim the report on the PipelineTask (optimistic write);
+    1. claim the report on the PipelineTask (optimistic write), first: whoever claims
+       first names the outcome, and a sidecar racing a deletion must lose;
+    2. probe: a ReportTaskProgress; a task Data Pipeline canceled is canceled, not
+       failed (SetTaskStatus after a cancel is a protocol violation): the cancel is
+       recorded over our own claim;
     3. stop the Job if asked (a pod that never started must not start later);
     4. SetTaskStatus, retried until shortly before the claim would go stale;
     5. mark it reported.
@@ -306,7 +316,7 @@ def report_outcome(
         log.warning("%s/%s: no TaskRunner to report with", entry.namespace, entry.name)
         return False
     dp = worker.client()
-    if cause.startswith("pod problem") and entry.job_name:
+    if cause in ("pod problem Ended", "pod problem Lost") and entry.job_name:
         # A pod stopped by the Job controller for activeDeadlineSeconds is a deadline,
         # whichever event arrived first.
         try:
@@ -315,16 +325,6 @@ def report_outcome(
                 outcome = deadline_check.outcome
         except ApiError:
             pass
-    if probe:
-        try:
-            if dp.report_task_progress(entry.task_id):
-                cancel_task(op, entry, "Canceled", "Data Pipeline canceled the task")
-                return False
-        except TaskGone as exc:
-            cancel_task(op, entry, "TaskGone", f"Data Pipeline no longer knows the task: {exc}")
-            return False
-        except DataPipelineError as exc:
-            log.info("%s/%s: probe before reporting failed: %s", entry.namespace, entry.name, exc)
     if outcome.status == "FINISHED" and entry.staged_outputs:
         # Only the sidecar uploads staged outputs, and it did not confirm them: reporting
         # FINISHED here would tell downstream activities data is there when it may not be.
@@ -350,6 +350,18 @@ def report_outcome(
         return False
     if claim is None:
         return False
+    if probe:
+        try:
+            if dp.report_task_progress(entry.task_id):
+                cancel_task(op, entry, "Canceled", "Data Pipeline canceled the task", over_own_claim=True)
+                return False
+        except TaskGone as exc:
+            cancel_task(
+                op, entry, "TaskGone", f"Data Pipeline no longer knows the task: {exc}", over_own_claim=True
+            )
+            return False
+        except DataPipelineError as exc:
+            log.info("%s/%s: probe before reporting failed: %s", entry.namespace, entry.name, exc)
     if stop_job:
         try:
             delete_job(op, entry)

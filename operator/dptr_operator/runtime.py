@@ -168,7 +168,7 @@ class Operator:
         outcomes.cancel_task(self, entry, reason, message)
 
     def report(self, entry: TaskEntry, outcome: Outcome, cause: str, stop_job: bool, probe: bool) -> bool:
-        if entry.busy:
+        if entry.busy or entry.terminal:
             return False
         entry.busy = True
         try:
@@ -284,6 +284,8 @@ class Operator:
                     ),
                 ),
             )
+            if entry.problem == "Deleted":
+                self._report_problem_now(entry)
         elif entry.heartbeat_owner == "sidecar":
             # The sidecar took over (or refreshed): re-check when it could go stale.
             self.scheduler.schedule_new(entry)
@@ -323,6 +325,8 @@ class Operator:
                 self.submit(outcomes.delete_job, self, entry)
             return
         self._note_problem(entry, outcomes.assess_job(body, deleted=event_type == "DELETED"))
+        if entry.problem == "JobDeleted":
+            self._report_problem_now(entry)
 
     def _note_problem(self, entry: TaskEntry, assessment: outcomes.Assessment) -> None:
         with self.index.lock:
@@ -342,6 +346,15 @@ class Operator:
                 entry.problem_since = time.monotonic()
             entry.problem_outcome = assessment.outcome
             entry.problem_message = assessment.message
+
+    def _report_problem_now(self, entry: TaskEntry) -> None:
+        """A problem with no grace (a deletion): report at once rather than at the next
+        sweep, so the operator's claim, naming the cause, comes before the sidecar's."""
+        if entry.busy or entry.problem_outcome is None or entry.problem is None:
+            return
+        entry.problem_since = time.monotonic()
+        stop_job = entry.problem in ("Deleted", "PodRejected")
+        self.submit(self.report, entry, entry.problem_outcome, f"pod problem {entry.problem}", stop_job, True)
 
     def _grace(self, problem: str) -> float:
         cfg = self.config

@@ -33,6 +33,7 @@ from dptr_common.errors import (
     ContainerTermination,
     Outcome,
     fit_api_string,
+    outcome_for_pod_failure,
     outcome_for_termination,
 )
 from dptr_common.kube import (
@@ -204,7 +205,8 @@ class Sidecar:
             log.warning("could not record Event %s: %s", reason, exc)
 
     def _retry_kube(self, fn: Callable[[], Any], what: str, budget: float = 60.0) -> Any:
-        """API server calls at start-up: retry while it is unreachable (not 4xx answers)."""
+        """API server calls that must not be lost (start-up, the ledger after the task ended):
+        retried while the API server is unreachable or overloaded, never after a 4xx answer."""
         deadline = time.monotonic() + budget
         attempt = 0
         while True:
@@ -455,14 +457,17 @@ class Sidecar:
         self.stop_heartbeats.set()
         log.info("the task was canceled (%s: %s)", reason, detail)
         try:
-            recorded = mark_canceled(
-                self.kube,
-                cfg.namespace,
-                cfg.pipeline_task,
-                by=self.holder,
-                reason=reason,
-                message=f"canceled at Data Pipeline ({detail}); the sidecar deleted the Job",
-                over_own_claim=over_own_claim,
+            recorded = self._retry_kube(
+                lambda: mark_canceled(
+                    self.kube,
+                    cfg.namespace,
+                    cfg.pipeline_task,
+                    by=self.holder,
+                    reason=reason,
+                    message=f"canceled at Data Pipeline ({detail}); the sidecar deleted the Job",
+                    over_own_claim=over_own_claim,
+                ),
+                "recording the cancel",
             )
         except NotFound:
             return 0
@@ -470,6 +475,29 @@ class Sidecar:
             self._delete_job()
             self._event("Canceled", f"canceled at Data Pipeline ({detail}); Job {self._job_name} deleted")
         return 0
+
+    def _deletion_outcome(self) -> Outcome | None:
+        """The pod is being deleted as the task ends.  dptr's own deletions (a cancel, a
+        report that stops the Job) are in the ledger before the Job goes, and the claim
+        below then loses to them; anything else is a user's: the PipelineTask being
+        deleted, or the Job.  Name that, not the SIGTERM the task died of."""
+        cfg = self.config
+        try:
+            pt = self.kube.get(pipelinetask_path(cfg.namespace, cfg.pipeline_task))
+            if (pt.get("metadata") or {}).get("deletionTimestamp"):
+                return outcome_for_pod_failure(
+                    "PipelineTaskDeleted", f"PipelineTask {cfg.pipeline_task} was deleted"
+                )
+            if not self._job_name:
+                return None
+            job = self.kube.get(job_path(cfg.namespace, self._job_name))
+            if (job.get("metadata") or {}).get("deletionTimestamp"):
+                return outcome_for_pod_failure("JobDeleted", f"Job {self._job_name} was deleted")
+        except NotFound:
+            return outcome_for_pod_failure("JobDeleted", f"Job {self._job_name} was deleted")
+        except ApiError as exc:
+            log.info("could not tell why the pod is being deleted: %s", exc)
+        return None
 
     def _delete_job(self) -> None:
         if not self._job_name:
@@ -496,9 +524,7 @@ class Sidecar:
         outcome = end.outcome
         log.info("%s ended (%s): %s %s", end.container, end.summary, outcome.status, outcome.error_id or "")
         if end.pod_deleting:
-            # The pod is going because its Job or PipelineTask was deleted (or canceled):
-            # whoever deleted it claims first, naming why; give them a moment.
-            time.sleep(min(1.0, self._grace / 10))
+            outcome = self._deletion_outcome() or outcome
 
         # Claim first, before anything slow: from here on nobody else reports, and with
         # staged outputs to upload after exit 0 the claim says "interrupted" until they
@@ -506,16 +532,21 @@ class Sidecar:
         # only window before it is this one API write.
         uploading_outputs = task_io and outcome.status == "FINISHED" and _has_staged_outputs(self.env)
         provisional = UPLOAD_INTERRUPTED if uploading_outputs else outcome
+        # Ledger writes after the task's end are retried while the API server is away (a
+        # restart): a sidecar that gave up here could not be restarted in a finishing pod.
         try:
-            claim = claim_report(
-                self.kube,
-                cfg.namespace,
-                cfg.pipeline_task,
-                holder=self.holder,
-                status=provisional.status,
-                error_id=provisional.error_id,
-                error_message=provisional.error_message,
-                stale_after=self.scaled(CLAIM_STALE_AFTER),
+            claim = self._retry_kube(
+                lambda: claim_report(
+                    self.kube,
+                    cfg.namespace,
+                    cfg.pipeline_task,
+                    holder=self.holder,
+                    status=provisional.status,
+                    error_id=provisional.error_id,
+                    error_message=provisional.error_message,
+                    stale_after=self.scaled(CLAIM_STALE_AFTER),
+                ),
+                "claiming the report",
             )
         except NotFound:
             log.warning("the PipelineTask is gone; not reporting")
@@ -620,7 +651,12 @@ class Sidecar:
         message += note
         self._patch_exit(end)  # first: whoever sees the report recorded sees the exit code too
         try:
-            mark_reported(self.kube, cfg.namespace, cfg.pipeline_task, claim=claim, message=message)
+            self._retry_kube(
+                lambda: mark_reported(
+                    self.kube, cfg.namespace, cfg.pipeline_task, claim=claim, message=message
+                ),
+                "recording the report",
+            )
         except ApiError as exc:
             log.error("reported, but could not record it on the PipelineTask: %s", exc)
         self._event("Reported", message, "Normal" if claim.status == "FINISHED" else "Warning")
@@ -699,12 +735,15 @@ class Sidecar:
                 final.error_id,
                 f"{final.error_message}; {note}" if final.error_message else note,
             )
-        revised = revise_claim(
-            self.kube,
-            claim,
-            status=final.status,
-            error_id=final.error_id,
-            error_message=final.error_message,
+        revised = self._retry_kube(
+            lambda: revise_claim(
+                self.kube,
+                claim,
+                status=final.status,
+                error_id=final.error_id,
+                error_message=final.error_message,
+            ),
+            "recording the outcome of the uploads",
         )
         return None if revised is None else (revised, trace)
 

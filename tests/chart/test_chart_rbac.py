@@ -171,6 +171,7 @@ SIDECAR_MAY: list[Case] = [
     ("watch", "pods", "a", ()),
     ("get", "pods", "a", ("--subresource=log",)),
     ("delete", JOBS, "a", ()),
+    ("get", JOBS, "a", ()),  # was its Job deleted?
     ("get", PT, "a", ()),
     *[(v, PT, "a", STATUS) for v in ("get", "patch", "update")],
     ("get", TR, "a", ()),
@@ -183,7 +184,7 @@ SIDECAR_MAY_NOT: list[Case] = [
     ("create", "pods", "a", ()),
     ("delete", "pods", "a", ()),
     ("create", JOBS, "a", ()),
-    ("get", JOBS, "a", ()),
+    ("list", JOBS, "a", ()),
     ("patch", JOBS, "a", ()),
     ("create", PT, "a", ()),
     ("patch", PT, "a", ()),
