@@ -31,6 +31,15 @@ from dptr_testbed.controlplane import RunningTestbed
 from dptr_testbed.installs import install_crds, install_sidecar_admission_policy
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so a fixture's teardown can tell a failed
+    test (and print what explains it) from a passing one."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 def _shared_root(factory: pytest.TempPathFactory, config: pytest.Config) -> Path:
     base = factory.getbasetemp()
     # Workers get per-worker base temps below one per-run directory.

@@ -324,7 +324,13 @@ class Operator:
                 entry.stopping = True
                 self.submit(outcomes.delete_job, self, entry)
             return
-        self._note_problem(entry, outcomes.assess_job(body, deleted=event_type == "DELETED"))
+        assessment = outcomes.assess_job(body, deleted=event_type == "DELETED")
+        if assessment.problem is None:
+            # A healthy Job says nothing about its pod: only a pod's own event may clear a
+            # pod problem (a Job status update after an Unschedulable pod event once
+            # cleared it, and the task was heartbeated forever).
+            return
+        self._note_problem(entry, assessment)
         if entry.problem == "JobDeleted":
             self._report_problem_now(entry)
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, namespace_state
 
 from dptr_testbed.controlplane import RunningTestbed
 
@@ -19,7 +19,7 @@ def cluster(crds: RunningTestbed, namespace: str) -> Cluster:
 
 @pytest.fixture
 def operator_factory(
-    crds: RunningTestbed, namespace: str, tmp_path: Path
+    crds: RunningTestbed, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
@@ -34,6 +34,11 @@ def operator_factory(
     # Make failures readable: the operator's log goes into the test report.
     for op in started:
         sys.stdout.write(f"\n----- operator log ({op.log_path}) -----\n{op.logs()[-20000:]}\n")
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        sys.stdout.write(
+            f"\n----- the namespace as the cluster saw it -----\n{namespace_state(crds, namespace)}\n"
+        )
 
 
 @pytest.fixture

@@ -236,3 +236,21 @@ class Cluster:
 
 #: Pods stay Pending in these tests unless they ask to run: keep graces long by default.
 QUIET_GRACES = ("--unschedulable-grace-seconds", "100000", "--image-pull-grace-seconds", "100000")
+
+
+def namespace_state(testbed: RunningTestbed, namespace: str) -> str:
+    """What a failed test's reader needs beside the operator's log: the Jobs and pods
+    (with the scheduler's conditions) and the namespace's Events, oldest first."""
+    parts = []
+    for args in (
+        ("get", "jobs,pods,pipelinetasks", "-o", "wide"),
+        (
+            "get",
+            "pods",
+            "-o",
+            "custom-columns=POD:.metadata.name,PHASE:.status.phase,CONDITIONS:.status.conditions[*].reason",
+        ),
+        ("get", "events", "--sort-by=.metadata.creationTimestamp"),
+    ):
+        parts.append(testbed.kubectl(*args, "-n", namespace, check=False))
+    return "\n".join(parts)

@@ -147,9 +147,42 @@ def test_unschedulable_past_grace_fails_and_removes_the_job(
     cluster.create_runner(datapipeline, "wg-unsched")  # its pods ask for a node that does not exist
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-unsched")
     record = wait_for(lambda: next(iter(datapipeline.ledger.attempts.values()), None), what="polled")
-    wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")
+    wait_for(lambda: record.outcome is not None, timeout=60, what="the outcome")
     assert (record.outcome, record.error_id) == ("FAILED", "dptr.Unschedulable")
     wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    datapipeline.assert_clean()
+
+
+def test_a_job_update_after_the_pod_became_unschedulable_clears_nothing(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator_factory
+) -> None:
+    """Job and pod events come on separate watches.  A Job status update that lands after
+    its pod's Unschedulable event (the Job controller counting the pod, another
+    controller's label) speaks of the Job, not of the pod, and must not clear the pod's
+    problem: nothing else would set it again, and the task would be heartbeated forever."""
+    operator_factory("--unschedulable-grace-seconds", "800").start()  # 8 s at 0.01
+    cluster.create_runner(datapipeline, "wg-unsched-job")
+    datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-unsched-job")
+    record = wait_for(lambda: next(iter(datapipeline.ledger.attempts.values()), None), what="polled")
+
+    def unschedulable() -> bool:
+        return any(
+            c.get("reason") == "Unschedulable"
+            for p in cluster.pods()
+            for c in (p.get("status") or {}).get("conditions") or []
+        )
+
+    wait_for(unschedulable, timeout=30, what="the scheduler marked the pod Unschedulable")
+    job = cluster.jobs()[0]["metadata"]["name"]
+    # Job events after the pod's, within the grace: each one is a healthy Job.
+    for n in range(6):
+        cluster.kube.patch(
+            f"/apis/batch/v1/namespaces/{cluster.namespace}/jobs/{job}",
+            {"metadata": {"annotations": {"example.com/touched": str(n)}}},
+        )
+        time.sleep(0.5)
+    wait_for(lambda: record.outcome is not None, timeout=60, what="the outcome")
+    assert (record.outcome, record.error_id) == ("FAILED", "dptr.Unschedulable")
     datapipeline.assert_clean()
 
 

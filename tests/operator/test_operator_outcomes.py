@@ -370,8 +370,14 @@ def test_staged_outputs_the_sidecar_never_confirmed_are_not_reported_finished(
     )
     record = outcomes(datapipeline, "Stage", timeout=60)["Stage"]
     assert (record.outcome, record.error_id) == ("FAILED", "dptr.StagingFailed.Incomplete"), record
-    task = task_named(cluster, "Stage")
-    assert task and task["status"]["report"]["reportedBy"].startswith("operator/")
+    # reportedBy is recorded after SetTaskStatus returns: wait for it, do not race it.
+    reporter = wait_for(
+        lambda: (((task_named(cluster, "Stage") or {}).get("status") or {}).get("report") or {}).get(
+            "reportedBy"
+        ),
+        what="the report recorded",
+    )
+    assert reporter.startswith("operator/"), reporter
     datapipeline.assert_clean()
 
 

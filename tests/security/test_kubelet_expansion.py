@@ -56,7 +56,7 @@ def test_kubelet_expansion_leaks_nothing_and_changes_nothing(
     s3_bucket: str,
     canary: str,
 ) -> None:
-    start_operator("--sidecar-report-grace-seconds", "1000")
+    start_operator("--sidecar-report-grace-seconds", "6000")
     secure_cluster.create_runner(
         datapipeline,
         WORKER_GROUP,

@@ -47,8 +47,9 @@ def _operator(
         cluster.testbed,
         cluster.namespace,
         tmp_path,
-        # The sidecar reports; the operator's fallback would only after 10 s (scaled).
-        ["--sidecar-report-grace-seconds", "1000", *QUIET_GRACES],
+        # The sidecar reports; the operator's fallback would only after 60 s (scaled):
+        # a loaded CI machine has taken over 10 s from exit to report.
+        ["--sidecar-report-grace-seconds", "6000", *QUIET_GRACES],
         tenancy=tenancy,
         env=env,
     ).start()
