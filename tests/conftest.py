@@ -29,6 +29,7 @@ from dptr_datapipeline import LocalDataPipeline
 from dptr_sidecar.s3 import S3Client
 from dptr_testbed.controlplane import RunningTestbed
 from dptr_testbed.installs import install_crds, install_sidecar_admission_policy
+from dptr_testbed.waiting import wait_for
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -67,16 +68,16 @@ def testbed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Confi
                 start_new_session=True,
             )
             (state.parent / "testbed.pid").write_text(str(proc.pid))
-            deadline = time.monotonic() + 300
-            while not (state / "testbed.json").exists():
-                if proc.poll() is not None:
+
+            def started() -> bool:
+                if proc.poll() is not None:  # not tolerated: fails at once, with the log
                     raise RuntimeError(
                         "the test bed failed to start:\n"
                         + (state.parent / "testbed-up.log").read_text()[-4000:]
                     )
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the test bed did not start within 300s")
-                time.sleep(0.5)
+                return (state / "testbed.json").exists()
+
+            wait_for(started, timeout=300, interval=0.5, what="the test bed to start")
     return RunningTestbed.attach(state)
 
 

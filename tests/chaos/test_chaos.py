@@ -37,6 +37,7 @@ Environment knobs: DPTR_CHAOS_SEED (default 8), DPTR_CHAOS_TASKS (default 520).
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import json
 import os
@@ -57,6 +58,7 @@ from dptr_common.kube import ApiError, KubeClient, job_path, pipelinetask_path
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
 from dptr_testbed import controlplane
 from dptr_testbed.installs import install_crds, install_sidecar_admission_policy, sidecar_rbac
+from dptr_testbed.waiting import wait_for
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -613,17 +615,23 @@ def settle(h: Harness) -> None:
     """Faults off; wait (bounded) for every PipelineTask to be final and history trimmed."""
     h.dp.clear_faults()
     h.log.note("faults", "cleared; settling")
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def settled() -> bool:
         try:
             tasks, jobs = h.tasks(), h.jobs()
-        except Exception:
-            time.sleep(1)
-            continue
-        if not _unsettled(tasks, jobs):
-            return
-        time.sleep(1)
-    # check() reports what did not settle.
+        except Exception:  # the API server may be restarting: not yet
+            return False
+        return not _unsettled(tasks, jobs)
+
+    # Bounded, not asserted: check() reports what did not settle.
+    with contextlib.suppress(AssertionError):
+        wait_for(
+            settled,
+            timeout=SETTLE_TIMEOUT,
+            interval=1,
+            tolerate=(),
+            what="every PipelineTask final and history trimmed",
+        )
 
 
 def _unsettled(tasks: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[str]:

@@ -3,7 +3,6 @@ sets, and a real install, upgrades and uninstall."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.waiting import wait_for
 
 from .conftest import CHART, REPO, Helm, unique
 from .value_sets import VALUE_SETS
@@ -26,10 +26,12 @@ def _exists(bed: RunningTestbed, kind: str, name: str, namespace: str | None = N
 def _wait_gone(
     bed: RunningTestbed, kind: str, name: str, namespace: str | None = None, timeout: float = 30
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while _exists(bed, kind, name, namespace):
-        assert time.monotonic() < deadline, f"{kind} {namespace}/{name} still exists"
-        time.sleep(0.3)
+    wait_for(
+        lambda: not _exists(bed, kind, name, namespace),
+        timeout=timeout,
+        interval=0.3,
+        what=f"{kind} {namespace}/{name} gone",
+    )
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))

@@ -4,13 +4,13 @@ and nothing more."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.waiting import wait_for
 
 from .conftest import CHART, Helm, unique
 
@@ -53,14 +53,16 @@ def _install(bed: RunningTestbed, helm: Helm, *sets: str, cluster_wide: bool) ->
     )  # fmt: skip
     # The API server's RBAC authorizer sees new Roles through an informer: wait until the
     # last-created binding is in effect, so no answer below comes from a half-seen install.
-    deadline = time.monotonic() + 30
-    while not (
-        can_i(bed, inst.operator, "create", "leases.coordination.k8s.io", inst.release_ns)
-        and can_i(bed, inst.sidecar_a, "get", "taskrunners.dptr.dev", inst.a)
-        and can_i(bed, inst.operator, "get", "pods", inst.b, "--subresource=log")
-    ):
-        assert time.monotonic() < deadline, "the chart's RBAC did not take effect within 30s"
-        time.sleep(0.2)
+    wait_for(
+        lambda: (
+            can_i(bed, inst.operator, "create", "leases.coordination.k8s.io", inst.release_ns)
+            and can_i(bed, inst.sidecar_a, "get", "taskrunners.dptr.dev", inst.a)
+            and can_i(bed, inst.operator, "get", "pods", inst.b, "--subresource=log")
+        ),
+        timeout=30,
+        interval=0.2,
+        what="the chart's RBAC to take effect",
+    )
     try:
         yield inst
     finally:

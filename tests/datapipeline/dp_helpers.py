@@ -5,22 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
-from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll until predicate() is truthy; return its value or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def fields_of(obj: dict[str, Any]) -> list[tuple[str, str]]:

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dp_helpers import DEVELOPER_GUIDE_DEFINITION, field, status_of, wait_for
+from dp_helpers import DEVELOPER_GUIDE_DEFINITION, field, status_of
 
 from dptr_datapipeline import LocalDataPipeline, definition_file_to_api
+from dptr_testbed.waiting import wait_for
 
 
 def _create(dp: Any, name: str = "p") -> str:
@@ -185,7 +186,12 @@ def test_precondition_timeout_cancels_the_activity(svc: LocalDataPipeline, dp: A
     check = dp.poll_for_task(workerGroup="wg-pretime")["taskObject"]
     dp.set_task_status(taskId=check["taskId"], taskStatus="FALSE")
     work_instance = check["attemptId"].replace("@Ready_", "@Work_").removesuffix("_Attempt=1")
-    wait_for(lambda: status_of(dp, pipeline_id, work_instance) == "CANCELED", timeout=3)
+    wait_for(
+        lambda: status_of(dp, pipeline_id, work_instance) == "CANCELED",
+        timeout=3,
+        what="the Work instance CANCELED",
+        interval=0.02,
+    )
     ready_instance = check["attemptId"].removesuffix("_Attempt=1")
     assert status_of(dp, pipeline_id, ready_instance) == "TIMEDOUT"
     assert "taskObject" not in dp.poll_for_task(workerGroup="wg-pretime")

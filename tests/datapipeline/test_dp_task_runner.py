@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 import pytest
-from dp_helpers import field, fields_of, status_of, wait_for
+from dp_helpers import field, fields_of, status_of
 
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 ECHO = {"Echo": {"type": "ShellCommandActivity", "command": "echo hi"}}
 
@@ -221,7 +222,7 @@ def test_silence_after_ack_reassigns_after_report_progress_timeout(svc: LocalDat
     task = dp.poll_for_task(workerGroup="wg-silent")["taskObject"]
     acked = time.monotonic()
     dp.report_task_progress(taskId=task["taskId"])
-    wait_for(lambda: svc.ledger.reassignments, timeout=3)
+    wait_for(lambda: svc.ledger.reassignments, timeout=3, what="a reassignment", interval=0.02)
     # 1 minute scaled is 0.6 s; the ack deadline (1.2 s) does not apply once acked.
     assert 0.55 <= time.monotonic() - acked < 1.15
     [reassignment] = svc.ledger.reassignments

@@ -22,6 +22,7 @@ from dptr_common.datapipeline import (
     call_with_retry,
 )
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, REGION, LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 CREDS = StaticCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY)
 
@@ -46,12 +47,11 @@ def worker_group() -> str:
 def start_task(svc: LocalDataPipeline, dp: DataPipelineClient, command: str = "echo hi") -> dict[str, Any]:
     wg = worker_group()
     svc.run_pipeline({"Echo": {"type": "ShellCommandActivity", "command": command}}, worker_group=wg)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        task = dp.poll_for_task(wg, "host-1")
-        if task is not None:
-            return task
-    raise AssertionError("no task polled within 20s")
+    # No pause between tries: each is a long poll.
+    task: dict[str, Any] = wait_for(
+        lambda: dp.poll_for_task(wg, "host-1"), timeout=20, interval=0, what="a task polled"
+    )
+    return task
 
 
 def test_poll_empty(dp: DataPipelineClient) -> None:

@@ -27,6 +27,7 @@ from dptr_common.kube import (
     pod_path,
 )
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -133,20 +134,13 @@ def job(name: str) -> dict[str, Any]:
     }
 
 
-def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_job_delete_background_removes_pods(kube: KubeClient, namespace: str) -> None:
     kube.create(job_path(namespace), job("j1"))
     pods = wait_for(
-        lambda: kube.list(pod_path(namespace), label_selector="job-name=j1"), what="the Job's pod"
+        lambda: kube.list(pod_path(namespace), label_selector="job-name=j1"),
+        timeout=30,
+        interval=0.2,
+        what="the Job's pod",
     )
     assert len(pods) == 1
     kube.delete(job_path(namespace, "j1"), propagation_policy="Background")
@@ -158,9 +152,11 @@ def test_job_delete_background_removes_pods(kube: KubeClient, namespace: str) ->
             return True
         return False
 
-    wait_for(job_gone, what="the Job to be deleted")
+    wait_for(job_gone, timeout=30, interval=0.2, what="the Job to be deleted")
     wait_for(
         lambda: not kube.list(pod_path(namespace), label_selector="job-name=j1"),
+        timeout=30,
+        interval=0.2,
         what="the garbage collector to delete the Job's pod",
     )
 
@@ -213,7 +209,7 @@ def test_read_log_bytes(kube: KubeClient, namespace: str) -> None:
         phase = kube.get(pod_path(namespace, "talker")).get("status", {}).get("phase")
         return phase in ("Succeeded", "Failed")
 
-    wait_for(finished, timeout=60, what="the pod to finish")
+    wait_for(finished, timeout=60, interval=0.2, what="the pod to finish")
     log = kube.read_log(namespace, "talker", "main")
     assert log.startswith(b"line1\n")
     assert log.endswith(b"bad \xff\xfe end\n")

@@ -28,6 +28,7 @@ from dptr_common.ledger import (
     take_over_heartbeats,
 )
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -40,29 +41,26 @@ def kube(crds: RunningTestbed) -> KubeClient:
 
 def create_task(kube: KubeClient, namespace: str, name: str | None = None) -> str:
     name = name or "pt-" + uuid.uuid4().hex[:10]
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            kube.create(
-                pipelinetask_path(namespace),
-                {
-                    "apiVersion": "dptr.dev/v1alpha1",
-                    "kind": "PipelineTask",
-                    "metadata": {"name": name},
-                    "spec": {
-                        "taskRunner": "runner",
-                        "taskId": "task-" + name,
-                        "pipelineId": "df-0123456789",
-                        "attemptId": "@Echo_2025-01-01T00:00:00_Attempt=1",
-                    },
-                },
-            )
-            return name
-        except NotFound:
-            # The CRD was just established; its REST endpoint may lag by a moment.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    body = {
+        "apiVersion": "dptr.dev/v1alpha1",
+        "kind": "PipelineTask",
+        "metadata": {"name": name},
+        "spec": {
+            "taskRunner": "runner",
+            "taskId": "task-" + name,
+            "pipelineId": "df-0123456789",
+            "attemptId": "@Echo_2025-01-01T00:00:00_Attempt=1",
+        },
+    }
+    # The CRD was just established; its REST endpoint may lag by a moment (NotFound).
+    wait_for(
+        lambda: kube.create(pipelinetask_path(namespace), body),
+        timeout=30,
+        interval=0.2,
+        tolerate=(NotFound,),
+        what=f"PipelineTask {name} created",
+    )
+    return name
 
 
 def status_of(kube: KubeClient, namespace: str, name: str) -> dict[str, Any]:

@@ -13,9 +13,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +31,6 @@ OPEN_TENANCY = (
     *("--allow-override", "sidecarImage"),
     *("--allow-override", "passDataPipelineCredentials"),
 )
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-        except AssertionError:
-            last = None
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout}s: {what or predicate}")
-        time.sleep(interval)
 
 
 class OperatorProcess:

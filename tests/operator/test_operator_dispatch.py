@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from op_helpers import Cluster, OperatorProcess, wait_for
+from op_helpers import Cluster, OperatorProcess
 
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -18,10 +19,10 @@ def test_task_becomes_pipelinetask_acked_job_and_is_heartbeated_then_canceled(
         {"Echo": {"type": "ShellCommandActivity", "command": "echo hi"}}, worker_group="wg-dispatch"
     )
 
-    task = wait_for(cluster.tasks, what="a PipelineTask")[0]
+    task = wait_for(cluster.tasks, timeout=20, what="a PipelineTask")[0]
     assert task["spec"]["pipelineId"] == pipeline
     assert task["metadata"]["ownerReferences"][0]["kind"] == "TaskRunner"
-    job = wait_for(cluster.jobs, what="a Job")[0]
+    job = wait_for(cluster.jobs, timeout=20, what="a Job")[0]
     assert job["metadata"]["name"] == task["metadata"]["name"]
     assert job["metadata"]["ownerReferences"][0]["kind"] == "PipelineTask"
     assert job["spec"]["backoffLimit"] == 0
@@ -29,25 +30,27 @@ def test_task_becomes_pipelinetask_acked_job_and_is_heartbeated_then_canceled(
     assert {"name": "DPTR_TIME_SCALE", "value": "0.01"} in sidecar["env"]
 
     attempt = next(iter(datapipeline.ledger.attempts.values()))
-    wait_for(lambda: attempt.acked_at is not None, what="the ack")
+    wait_for(lambda: attempt.acked_at is not None, timeout=20, what="the ack")
     assert attempt.acked_at - attempt.polled_at < 1.2  # the scaled 2-minute window
     # The pod cannot run (no node): the operator keeps the task alive well past its
     # (scaled, 9 s) reportProgressTimeout.
     wait_for(lambda: attempt.progress_calls >= 5, timeout=30, what="operator heartbeats")
     status = wait_for(
-        lambda: cluster.tasks()[0].get("status", {}).get("acknowledgedAt") and cluster.tasks()[0]["status"]
+        lambda: cluster.tasks()[0].get("status", {}).get("acknowledgedAt") and cluster.tasks()[0]["status"],
+        timeout=20,
+        what="acknowledgedAt on the PipelineTask",
     )
     assert status["heartbeat"]["owner"] == "operator"
     assert status["jobName"] == job["metadata"]["name"]
     runner = cluster.runner()
-    wait_for(lambda: cluster.runner().get("status", {}).get("active") == 1, what="active=1")
+    wait_for(lambda: cluster.runner().get("status", {}).get("active") == 1, timeout=20, what="active=1")
     assert cluster.runner()["status"]["taskrunnerId"]
     assert runner["status"]["heartbeatIntervalSeconds"] == 60
 
     # Cancel it at Data Pipeline: the Job goes, the task is Canceled, no SetTaskStatus.
     datapipeline.client().deactivate_pipeline(pipelineId=pipeline, cancelActive=True)
     wait_for(lambda: cluster.tasks()[0]["status"]["phase"] == "Canceled", timeout=30, what="Canceled")
-    wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    wait_for(lambda: not cluster.jobs(), timeout=20, what="the Job deleted")
     assert not datapipeline.ledger.calls_to("SetTaskStatus")
     datapipeline.assert_clean()
 
@@ -59,7 +62,7 @@ def test_metrics_follow_the_dispatch(
     datapipeline.run_pipeline(
         {"Echo": {"type": "ShellCommandActivity", "command": "true"}}, worker_group="wg-metrics"
     )
-    wait_for(cluster.jobs, what="a Job")
+    wait_for(cluster.jobs, timeout=20, what="a Job")
     runner = f'runner="{cluster.namespace}/runner"'
     # The Job exists a moment before its dispatch is timed: wait for both counts.
     samples = wait_for(
@@ -68,6 +71,7 @@ def test_metrics_follow_the_dispatch(
             and m.get("dptr_dispatch_duration_seconds_count") == 1
             and m
         ),
+        timeout=20,
         what="the polled task counted and its dispatch timed",
     )
     assert samples["dptr_leader"] == 1
@@ -75,10 +79,13 @@ def test_metrics_follow_the_dispatch(
     assert samples["dptr_status_writes_pending"] >= 0
     # The sweep publishes the gauges (every 0.1 s at this time scale).
     active = wait_for(
-        lambda: operator.metrics().get(f"dptr_tasks_active{{{runner}}}") == 1, what="dptr_tasks_active 1"
+        lambda: operator.metrics().get(f"dptr_tasks_active{{{runner}}}") == 1,
+        timeout=20,
+        what="dptr_tasks_active 1",
     )
     assert active
     wait_for(
         lambda: operator.metrics().get('dptr_operator_heartbeats_total{result="ok"}', 0) >= 1,
+        timeout=20,
         what="an operator heartbeat counted",
     )

@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from op_helpers import Cluster, OperatorProcess, wait_for
+from op_helpers import Cluster, OperatorProcess
 
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -26,7 +27,7 @@ def test_task_not_found_cancels_without_set_task_status(
 ) -> None:
     cluster.create_runner(datapipeline, "wg-gone")
     pipeline = datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-gone")
-    wait_for(cluster.jobs, what="a Job")
+    wait_for(cluster.jobs, timeout=20, what="a Job")
     datapipeline.client().delete_pipeline(pipelineId=pipeline)
     task = wait_for(
         lambda: [t for t in cluster.tasks() if t.get("status", {}).get("phase") == "Canceled"],
@@ -34,7 +35,7 @@ def test_task_not_found_cancels_without_set_task_status(
         what="Canceled",
     )[0]
     assert task["status"]["canceled"]["reason"] in ("TaskGone", "Canceled")
-    wait_for(lambda: not cluster.jobs(), what="Job deleted")
+    wait_for(lambda: not cluster.jobs(), timeout=20, what="Job deleted")
     assert not datapipeline.ledger.calls_to("SetTaskStatus")
     datapipeline.assert_clean()
 
@@ -64,7 +65,7 @@ def test_invalid_tasks_fail_with_error_id_and_no_job(
     assert cluster.events("InvalidTask")
     # The operator keeps running and keeps polling.
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-invalid")
-    wait_for(cluster.jobs, what="a Job for the next, valid task")
+    wait_for(cluster.jobs, timeout=20, what="a Job for the next, valid task")
     assert operator.alive()
     datapipeline.client().delete_pipeline(
         pipelineId=next(iter(datapipeline.ledger.attempts.values())).pipeline_id
@@ -73,7 +74,9 @@ def test_invalid_tasks_fail_with_error_id_and_no_job(
         if record.outcome is None:
             datapipeline.client().deactivate_pipeline(pipelineId=record.pipeline_id)
     wait_for(
-        lambda: all(t["status"].get("phase") in ("Failed", "Canceled") for t in cluster.tasks()), timeout=30
+        lambda: all(t["status"].get("phase") in ("Failed", "Canceled") for t in cluster.tasks()),
+        timeout=30,
+        what="every task Failed or Canceled",
     )
     datapipeline.assert_clean()
 
@@ -84,7 +87,7 @@ def test_pod_failure_is_reported_once_by_the_operator(
 ) -> None:
     cluster.create_runner(datapipeline, f"wg-{failure.lower()}")
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group=f"wg-{failure.lower()}")
-    pod = wait_for(cluster.pods, what="the task pod")[0]
+    pod = wait_for(cluster.pods, timeout=20, what="the task pod")[0]
     name = pod["metadata"]["name"]
     if failure == "Evicted":
         status = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
@@ -115,7 +118,9 @@ def test_pod_failure_is_reported_once_by_the_operator(
     assert record.outcome == "FAILED"
     assert record.error_id == f"dptr.{failure}"
     task = wait_for(
-        lambda: cluster.tasks()[0]["status"].get("report", {}).get("reportedAt") and cluster.tasks()[0]
+        lambda: cluster.tasks()[0]["status"].get("report", {}).get("reportedAt") and cluster.tasks()[0],
+        timeout=20,
+        what="report.reportedAt on the PipelineTask",
     )
     assert task["status"]["report"]["reportedBy"].startswith("operator/")
     assert task["status"]["phase"] == "Failed"
@@ -132,7 +137,7 @@ def test_attempt_timeout_is_reported_as_deadline_exceeded(
         {"Slow": {"type": "ShellCommandActivity", "command": "sleep 600", "attemptTimeout": "3 seconds"}},
         worker_group="wg-deadline",
     )
-    job = wait_for(cluster.jobs, what="a Job")[0]
+    job = wait_for(cluster.jobs, timeout=20, what="a Job")[0]
     assert job["spec"]["activeDeadlineSeconds"] == 3
     record = next(iter(datapipeline.ledger.attempts.values()))
     wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")
@@ -146,10 +151,12 @@ def test_unschedulable_past_grace_fails_and_removes_the_job(
     operator_factory("--unschedulable-grace-seconds", "200").start()  # 2 s at 0.01
     cluster.create_runner(datapipeline, "wg-unsched")  # its pods ask for a node that does not exist
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-unsched")
-    record = wait_for(lambda: next(iter(datapipeline.ledger.attempts.values()), None), what="polled")
+    record = wait_for(
+        lambda: next(iter(datapipeline.ledger.attempts.values()), None), timeout=20, what="polled"
+    )
     wait_for(lambda: record.outcome is not None, timeout=60, what="the outcome")
     assert (record.outcome, record.error_id) == ("FAILED", "dptr.Unschedulable")
-    wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    wait_for(lambda: not cluster.jobs(), timeout=20, what="the Job deleted")
     datapipeline.assert_clean()
 
 
@@ -163,7 +170,9 @@ def test_a_job_update_after_the_pod_became_unschedulable_clears_nothing(
     operator_factory("--unschedulable-grace-seconds", "800").start()  # 8 s at 0.01
     cluster.create_runner(datapipeline, "wg-unsched-job")
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-unsched-job")
-    record = wait_for(lambda: next(iter(datapipeline.ledger.attempts.values()), None), what="polled")
+    record = wait_for(
+        lambda: next(iter(datapipeline.ledger.attempts.values()), None), timeout=20, what="polled"
+    )
 
     def unschedulable() -> bool:
         return any(
@@ -192,7 +201,7 @@ def test_image_pull_failure_past_grace_fails_and_removes_the_job(
     operator_factory("--image-pull-grace-seconds", "200", "--unschedulable-grace-seconds", "100000").start()
     cluster.create_runner(datapipeline, "wg-pull")
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-pull")
-    pod = wait_for(cluster.pods, what="the task pod")[0]
+    pod = wait_for(cluster.pods, timeout=20, what="the task pod")[0]
     waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.invalid/task:1"'}
     cluster.patch_pod_status(
         pod["metadata"]["name"],
@@ -214,7 +223,7 @@ def test_image_pull_failure_past_grace_fails_and_removes_the_job(
     wait_for(lambda: record.outcome is not None, timeout=40, what="the outcome")  # 2 s grace at 0.01
     assert (record.outcome, record.error_id) == ("FAILED", "dptr.ImagePullFailed")
     assert "ImagePullBackOff" in (record.error_message or "")
-    wait_for(lambda: not cluster.jobs(), what="the Job deleted")
+    wait_for(lambda: not cluster.jobs(), timeout=20, what="the Job deleted")
     time.sleep(1.5)  # the pod's deletion must not produce a second report
     assert len(datapipeline.ledger.calls_to("SetTaskStatus")) == 1
     datapipeline.assert_clean()
@@ -224,11 +233,19 @@ def test_deleting_the_taskrunner_fails_running_tasks_then_releases_it(
     cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
 ) -> None:
     cluster.create_runner(datapipeline, "wg-delete")
-    wait_for(lambda: "dptr.dev/task-runner" in (cluster.runner()["metadata"].get("finalizers") or []))
+    wait_for(
+        lambda: "dptr.dev/task-runner" in (cluster.runner()["metadata"].get("finalizers") or []),
+        timeout=20,
+        what="the TaskRunner's finalizer",
+    )
     datapipeline.run_pipeline({"A": ECHO, "B": ECHO}, worker_group="wg-delete")
-    wait_for(lambda: len(cluster.jobs()) == 2, what="two Jobs")
+    wait_for(lambda: len(cluster.jobs()) == 2, timeout=20, what="two Jobs")
     cluster.testbed.kubectl("delete", "taskrunner", "runner", "-n", cluster.namespace, "--wait=false")
-    wait_for(lambda: all(o == "FAILED" for o in datapipeline.ledger.outcomes().values()), timeout=30)
+    wait_for(
+        lambda: all(o == "FAILED" for o in datapipeline.ledger.outcomes().values()),
+        timeout=30,
+        what="every outcome FAILED",
+    )
     for record in datapipeline.ledger.attempts.values():
         assert record.error_id == "dptr.TaskRunnerDeleted"
     wait_for(

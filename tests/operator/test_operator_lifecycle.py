@@ -8,9 +8,10 @@ import subprocess
 import time
 
 import pytest
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -33,11 +34,15 @@ def test_burst_of_50_respects_max_concurrent_tasks(
 ) -> None:
     cluster.create_runner(datapipeline, "wg-burst", maxConcurrentTasks=5, pollers=3)
     datapipeline.run_pipeline({f"A{i}": ECHO for i in range(50)}, worker_group="wg-burst")
-    wait_for(lambda: len(cluster.tasks()) == 5, what="5 PipelineTasks")
+    wait_for(lambda: len(cluster.tasks()) == 5, timeout=20, what="5 PipelineTasks")
     time.sleep(3)  # 3 long polls' worth at 0.01: still 5
     assert len(cluster.tasks()) == 5
     assert len(datapipeline.ledger.attempts) == 5
-    wait_for(lambda: cluster.runner().get("status", {}).get("activeSummary") == "5/5")
+    wait_for(
+        lambda: cluster.runner().get("status", {}).get("activeSummary") == "5/5",
+        timeout=20,
+        what="activeSummary 5/5",
+    )
     polling = cluster.condition("runner", "Polling")
     assert polling is not None and polling["reason"] == "AtCapacity"
     _cancel_all(datapipeline)
@@ -50,7 +55,7 @@ def test_paused_stops_polling_and_running_tasks_keep_heartbeats(
 ) -> None:
     cluster.create_runner(datapipeline, "wg-paused")
     datapipeline.run_pipeline({"First": ECHO}, worker_group="wg-paused")
-    wait_for(lambda: len(cluster.tasks()) == 1, what="the first task")
+    wait_for(lambda: len(cluster.tasks()) == 1, timeout=20, what="the first task")
     cluster.testbed.kubectl(
         "patch",
         "taskrunner",
@@ -61,7 +66,11 @@ def test_paused_stops_polling_and_running_tasks_keep_heartbeats(
         "-p",
         '{"spec":{"paused":true}}',
     )
-    wait_for(lambda: (cluster.condition("runner", "Polling") or {}).get("reason") == "Paused", what="Paused")
+    wait_for(
+        lambda: (cluster.condition("runner", "Polling") or {}).get("reason") == "Paused",
+        timeout=20,
+        what="Paused",
+    )
     time.sleep(1.5)  # a poll in flight when paused may still return a task
     before = len(datapipeline.ledger.attempts)
     datapipeline.run_pipeline({"Second": ECHO}, worker_group="wg-paused")
@@ -80,9 +89,9 @@ def test_paused_stops_polling_and_running_tasks_keep_heartbeats(
         "-p",
         '{"spec":{"paused":false}}',
     )
-    wait_for(lambda: len(datapipeline.ledger.attempts) == 2, what="polling resumed")
+    wait_for(lambda: len(datapipeline.ledger.attempts) == 2, timeout=20, what="polling resumed")
     _cancel_all(datapipeline)
-    wait_for(lambda: _all_final(cluster) and len(cluster.tasks()) == 2, timeout=30)
+    wait_for(lambda: _all_final(cluster) and len(cluster.tasks()) == 2, timeout=30, what="both tasks final")
     datapipeline.assert_clean()
 
 
@@ -91,7 +100,11 @@ def test_runner_terminate_stops_polling_with_condition(
 ) -> None:
     datapipeline.set_runner_terminate(True)
     cluster.create_runner(datapipeline, "wg-term")
-    wait_for(lambda: (cluster.condition("runner", "Polling") or {}).get("reason") == "Terminated", timeout=30)
+    wait_for(
+        lambda: (cluster.condition("runner", "Polling") or {}).get("reason") == "Terminated",
+        timeout=30,
+        what="Polling reason Terminated",
+    )
     assert cluster.events("Terminated")
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-term")
     time.sleep(2)
@@ -107,7 +120,9 @@ def test_bad_credentials_degrade_then_recover(
 ) -> None:
     cluster.create_runner(datapipeline, "wg-creds", secret_key_id="AKIDWRONG")
     degraded = wait_for(
-        lambda: (c := cluster.condition("runner", "Degraded")) and c["status"] == "True" and c, timeout=30
+        lambda: (c := cluster.condition("runner", "Degraded")) and c["status"] == "True" and c,
+        timeout=30,
+        what="Degraded True",
     )
     assert degraded["reason"] == "InvalidCredentials"
     assert (cluster.condition("runner", "Ready") or {})["status"] == "False"
@@ -120,12 +135,16 @@ def test_bad_credentials_degrade_then_recover(
             "stringData": {"AWS_ACCESS_KEY_ID": DEFAULT_ACCESS_KEY_ID},
         }
     )
-    wait_for(lambda: (cluster.condition("runner", "Ready") or {}).get("status") == "True", timeout=30)
+    wait_for(
+        lambda: (cluster.condition("runner", "Ready") or {}).get("status") == "True",
+        timeout=30,
+        what="Ready True again",
+    )
     assert cluster.condition("runner", "Degraded")["status"] == "False"  # type: ignore[index]
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-creds")
-    wait_for(cluster.jobs, what="polling works again")
+    wait_for(cluster.jobs, timeout=20, what="polling works again")
     _cancel_all(datapipeline)
-    wait_for(lambda: _all_final(cluster), timeout=30)
+    wait_for(lambda: _all_final(cluster), timeout=30, what="all tasks final")
     datapipeline.assert_clean()
 
 
@@ -134,7 +153,7 @@ def test_sigkill_and_restart_loses_nothing(
 ) -> None:
     cluster.create_runner(datapipeline, "wg-restart", maxConcurrentTasks=20)
     datapipeline.run_pipeline({f"T{i}": ECHO for i in range(8)}, worker_group="wg-restart")
-    wait_for(lambda: len(cluster.jobs()) == 8, what="8 Jobs")
+    wait_for(lambda: len(cluster.jobs()) == 8, timeout=20, what="8 Jobs")
     operator.kill()
     time.sleep(2)  # a fifth of the scaled reportProgressTimeout (9 s)
     calls = {a: r.progress_calls for a, r in datapipeline.ledger.attempts.items()}
@@ -149,7 +168,7 @@ def test_sigkill_and_restart_loses_nothing(
     assert not datapipeline.ledger.reassignments
     assert len(cluster.jobs()) == 8 and len(cluster.tasks()) == 8
     _cancel_all(datapipeline)
-    wait_for(lambda: _all_final(cluster), timeout=30)
+    wait_for(lambda: _all_final(cluster), timeout=30, what="all tasks final")
     datapipeline.assert_clean()
 
 
@@ -158,22 +177,22 @@ def test_two_replicas_only_the_leader_polls(
 ) -> None:
     lease = ("--lease-duration-seconds", "3", "--lease-renew-seconds", "1")
     first = operator_factory(*QUIET_GRACES, *lease, "--identity", "replica-a").start()
-    wait_for(lambda: "acquired Lease" in first.logs(), what="replica-a leads")
+    wait_for(lambda: "acquired Lease" in first.logs(), timeout=20, what="replica-a leads")
     second = operator_factory(*QUIET_GRACES, *lease, "--identity", "replica-b").start()
     cluster.create_runner(datapipeline, "wg-ha")
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-ha")
-    wait_for(cluster.jobs, what="a Job")
+    wait_for(cluster.jobs, timeout=20, what="a Job")
     time.sleep(1)
     assert "standing by" in second.logs()
     assert {r.hostname for r in datapipeline.ledger.attempts.values()} == {"replica-a"}
     first.kill()
     wait_for(lambda: "acquired Lease" in second.logs(), timeout=15, what="replica-b takes over")
     datapipeline.run_pipeline({"Next": ECHO}, worker_group="wg-ha")
-    wait_for(lambda: len(datapipeline.ledger.attempts) == 2, what="replica-b polls")
+    wait_for(lambda: len(datapipeline.ledger.attempts) == 2, timeout=20, what="replica-b polls")
     time.sleep(3)
     assert not datapipeline.ledger.reassignments
     _cancel_all(datapipeline)
-    wait_for(lambda: _all_final(cluster), timeout=30)
+    wait_for(lambda: _all_final(cluster), timeout=30, what="all tasks final")
     datapipeline.assert_clean()
 
 
@@ -236,5 +255,5 @@ def test_restricted_namespace_accepts_the_rendered_pods(
     wait_for(cluster.pods, timeout=30, what="the task pod admitted")
     assert not [e for e in cluster.events("FailedCreate")]
     _cancel_all(datapipeline)
-    wait_for(lambda: _all_final(cluster), timeout=30)
+    wait_for(lambda: _all_final(cluster), timeout=30, what="all tasks final")
     datapipeline.assert_clean()

@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
 from dptr_common import ledger
 from dptr_common.kube import job_path, pipelinetask_path
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -187,7 +188,9 @@ def test_a_refused_job_ends_the_attempt_failed_once(
     assert set_task_status_calls(datapipeline) == 2
     assert not cluster.jobs()
     wait_for(
-        lambda: all(t["status"].get("phase") == "Failed" for t in cluster.tasks()), what="Failed recorded"
+        lambda: all(t["status"].get("phase") == "Failed" for t in cluster.tasks()),
+        timeout=20,
+        what="Failed recorded",
     )
     rejected = cluster.events("JobRejected")
     assert {e["involvedObject"]["kind"] for e in rejected} == {"PipelineTask", "TaskRunner"}
@@ -285,7 +288,7 @@ def test_a_job_whose_pods_are_refused_ends_failed(
     op = operator_factory(*QUIET_GRACES, "--pod-create-grace-seconds", "300").start()
     cluster.create_runner(datapipeline, f"wg-pods-{setup}", **spec)
     datapipeline.run_pipeline({"Echo": activity()}, worker_group=f"wg-pods-{setup}")
-    wait_for(cluster.jobs, what="the Job")
+    wait_for(cluster.jobs, timeout=20, what="the Job")
     # A restart in between: the new operator gives the Job its grace again, and ends it.
     op.kill()
     op.start()
@@ -293,7 +296,7 @@ def test_a_job_whose_pods_are_refused_ends_failed(
     assert (record.outcome, record.error_id) == ("FAILED", error_id), record
     assert "could not create the pod" in (record.error_message or "")
     assert set_task_status_calls(datapipeline) == 1
-    wait_for(lambda: not cluster.jobs(), what="the refused Job removed")
+    wait_for(lambda: not cluster.jobs(), timeout=20, what="the refused Job removed")
     datapipeline.assert_clean()
 
 
@@ -375,6 +378,7 @@ def test_staged_outputs_the_sidecar_never_confirmed_are_not_reported_finished(
         lambda: (((task_named(cluster, "Stage") or {}).get("status") or {}).get("report") or {}).get(
             "reportedBy"
         ),
+        timeout=20,
         what="the report recorded",
     )
     assert reporter.startswith("operator/"), reporter
@@ -434,7 +438,9 @@ def test_a_job_deleted_under_a_running_task_is_named_as_the_cause(
     assert (record.outcome, record.error_id) == ("FAILED", "dptr.JobDeleted"), record
     assert set_task_status_calls(datapipeline) == 1
     wait_for(
-        lambda: (task_named(cluster, "Long") or {}).get("status", {}).get("phase") == "Failed", what="Failed"
+        lambda: (task_named(cluster, "Long") or {}).get("status", {}).get("phase") == "Failed",
+        timeout=20,
+        what="Failed",
     )
     datapipeline.assert_clean()
 
@@ -445,7 +451,7 @@ def test_a_cancel_cut_short_between_record_and_delete_is_finished(
     operator_factory(*QUIET_GRACES).start()
     cluster.create_runner(datapipeline, "wg-cancel-crash")
     pipeline = datapipeline.run_pipeline({"Echo": activity()}, worker_group="wg-cancel-crash")
-    wait_for(cluster.jobs, what="the Job")
+    wait_for(cluster.jobs, timeout=20, what="the Job")
     task = cluster.tasks()[0]
     # A canceler recorded the cancel and stopped before deleting the Job; Data Pipeline
     # knows the attempt is canceled.
@@ -474,9 +480,9 @@ def test_a_job_ttl_starts_only_after_the_outcome_is_recorded(
         },
     )
     datapipeline.run_pipeline({"Echo": activity()}, worker_group="wg-ttl")
-    (job,) = wait_for(cluster.jobs, what="the Job")
+    (job,) = wait_for(cluster.jobs, timeout=20, what="the Job")
     assert "ttlSecondsAfterFinished" not in job["spec"]
-    pod = wait_for(cluster.pods, what="the pod")[0]["metadata"]["name"]
+    pod = wait_for(cluster.pods, timeout=20, what="the pod")[0]["metadata"]["name"]
     # The task container exited 0 and no sidecar reports: the Job completes at once, and a
     # TTL of 0 would remove it (and the pod) before the operator's fallback reads it.
     cluster.patch_pod_status(
@@ -513,7 +519,7 @@ def test_an_unanswerable_already_final_check_never_reports_blind(
     ).start()
     cluster.create_runner(datapipeline, "wg-final")
     datapipeline.run_pipeline({"Echo": activity()}, worker_group="wg-final")
-    pod = wait_for(cluster.pods, what="the pod")[0]["metadata"]["name"]
+    pod = wait_for(cluster.pods, timeout=20, what="the pod")[0]["metadata"]["name"]
     name = cluster.tasks()[0]["metadata"]["name"]
     # A sidecar claimed the report and died: maybe before SetTaskStatus, maybe after.
     assert ledger.claim_report(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from op_helpers import Cluster, wait_for
+from op_helpers import Cluster
 
 from dptr_common.kube import KubeClient
 from dptr_common.models import TaskRunner
@@ -12,6 +12,7 @@ from dptr_operator import dispatch
 from dptr_operator.config import OperatorConfig
 from dptr_operator.polling import RunnerWorker
 from dptr_operator.runtime import Operator
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -35,6 +36,7 @@ def test_same_attempt_dispatched_twice_makes_one_pipelinetask_and_one_job(
         worker = RunnerWorker(op, TaskRunner.from_k8s(cluster.runner()))
         raw = wait_for(
             lambda: client.poll_for_task(workerGroup="wg-repeat", hostname="test").get("taskObject"),
+            timeout=20,
             what="a task",
         )
         dispatch.dispatch(op, worker, raw)

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
 from dptr_testbed.installs import sidecar_rbac
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 

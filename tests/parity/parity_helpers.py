@@ -27,6 +27,33 @@ def read_gzip_object(s3_raw: Any, bucket: str, key: str) -> bytes:
     return gzip.decompress(read_object(s3_raw, bucket, key))
 
 
+@dataclass(frozen=True)
+class ParityS3:
+    """moto's S3 as a parity test sees it (the ``parity_s3`` fixture): the endpoint a
+    TaskRunner names, the environment of a dptr process that talks to it, a plain boto3
+    client for arranging and checking objects, and the test's own bucket."""
+
+    endpoint: str
+    env: dict[str, str]
+    raw: Any
+    bucket: str
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def put(self, key: str, body: bytes) -> None:
+        self.raw.put_object(Bucket=self.bucket, Key=key, Body=body)
+
+    def read(self, key: str) -> bytes:
+        return read_object(self.raw, self.bucket, key)
+
+    def read_gzip(self, key: str) -> bytes:
+        return read_gzip_object(self.raw, self.bucket, key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return keys_under(self.raw, self.bucket, prefix)
+
+
 # --------------------------------------------------------------------------- a pod, run locally
 
 

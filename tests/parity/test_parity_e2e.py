@@ -23,7 +23,9 @@ from dptr_testbed.controlplane import RunningTestbed
 from dptr_testbed.installs import sidecar_rbac
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
+
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 

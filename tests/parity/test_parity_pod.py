@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from parity_helpers import keys_under, read_gzip_object, read_object, run_pod_locally
+from parity_helpers import ParityS3, run_pod_locally
 
 from dptr_common.datapipeline import DataPipelineClient, StaticCredentials
 from dptr_common.errors import TaskError
@@ -59,15 +59,15 @@ def _poll(dp: LocalDataPipeline, objects: dict[str, Any]) -> tuple[Task, str]:
     return parse_task(task_object), task_object["taskId"]
 
 
-def _run(task: Task, runner: TaskRunner, tmp_path: Path, s3_env: dict[str, str]) -> tuple[Any, Any]:
+def _run(task: Task, dp: LocalDataPipeline, s3: ParityS3, tmp_path: Path) -> tuple[Any, Any]:
     job = render_job(
         task,
-        runner,
+        _runner(dp, s3.endpoint),
         sidecar_image="sidecar:test",
         namespace="data",
         owner={"metadata": {"name": "pt", "uid": "u"}},
     )
-    pod = run_pod_locally(job, tmp_path / "pod", s3_env, SECRETS)
+    pod = run_pod_locally(job, tmp_path / "pod", s3.env, SECRETS)
     result = None
     if pod.task_exit is not None:
         result = finish_task_io(pod.sidecar_env, exit_code=pod.task_exit)
@@ -85,27 +85,22 @@ def dp() -> Any:
 
 
 def test_script_uri_runs_with_arguments_exactly_as_given_in_order(
-    dp: LocalDataPipeline,
-    s3_endpoint: str,
-    s3_env: dict[str, str],
-    s3_raw: Any,
-    s3_bucket: str,
-    tmp_path: Path,
+    dp: LocalDataPipeline, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
-    s3_raw.put_object(Bucket=s3_bucket, Key="scripts/echo args.sh", Body=SCRIPT)
+    parity_s3.put("scripts/echo args.sh", SCRIPT)
     task, _ = _poll(
         dp,
         {
-            "Default": {"pipelineLogUri": f"s3://{s3_bucket}/logs"},
+            "Default": {"pipelineLogUri": parity_s3.uri("logs")},
             "Script": {
                 "type": "ShellCommandActivity",
-                "scriptUri": f"s3://{s3_bucket}/scripts/echo args.sh",
+                "scriptUri": parity_s3.uri("scripts/echo args.sh"),
                 "scriptArgument": TRICKY_ARGS,
             },
         },
     )
     assert task.script_arguments == tuple(TRICKY_ARGS)
-    pod, result = _run(task, _runner(dp, s3_endpoint), tmp_path, s3_env)
+    pod, result = _run(task, dp, parity_s3, tmp_path)
     assert pod.init_exit == {"dptr-fetch-script": 0}
     expected = "".join(f"{i}:<{a}>\n" for i, a in enumerate(TRICKY_ARGS, start=1)).encode()
     assert pod.task_exit == 0
@@ -113,17 +108,15 @@ def test_script_uri_runs_with_arguments_exactly_as_given_in_order(
     assert pod.task_stderr == b"script stderr\n"
     assert result.error is None and result.problems == []
     prefix = f"logs/{task.pipeline_id}/Script/{task.instance_id}/{task.attempt_id}/"
-    assert read_gzip_object(s3_raw, s3_bucket, prefix + "StdOutput.gz") == expected
-    assert read_gzip_object(s3_raw, s3_bucket, prefix + "StdError.gz") == b"script stderr\n"
+    assert parity_s3.read_gzip(prefix + "StdOutput.gz") == expected
+    assert parity_s3.read_gzip(prefix + "StdError.gz") == b"script stderr\n"
 
 
 def test_missing_script_fails_the_fetch_with_a_clear_error_id(
-    dp: LocalDataPipeline, s3_endpoint: str, s3_env: dict[str, str], s3_bucket: str, tmp_path: Path
+    dp: LocalDataPipeline, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
-    task, _ = _poll(
-        dp, {"Script": {"type": "ShellCommandActivity", "scriptUri": f"s3://{s3_bucket}/nope.sh"}}
-    )
-    pod, _ = _run(task, _runner(dp, s3_endpoint), tmp_path, s3_env)
+    task, _ = _poll(dp, {"Script": {"type": "ShellCommandActivity", "scriptUri": parity_s3.uri("nope.sh")}})
+    pod, _ = _run(task, dp, parity_s3, tmp_path)
     assert pod.init_exit == {"dptr-fetch-script": 1}
     outcome = outcome_for_init_failure(
         "dptr-fetch-script", {"exitCode": 1, "message": pod.termination_messages["dptr-fetch-script"]}
@@ -162,88 +155,68 @@ TRANSFORM = (
 
 
 def test_staged_input_transform_staged_output_byte_for_byte(
-    dp: LocalDataPipeline,
-    s3_endpoint: str,
-    s3_env: dict[str, str],
-    s3_raw: Any,
-    s3_bucket: str,
-    tmp_path: Path,
+    dp: LocalDataPipeline, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
     data = b"hello, staging\n" * 1000 + bytes(range(256))
-    s3_raw.put_object(Bucket=s3_bucket, Key="input/data.bin", Body=data)
-    task, _ = _poll(dp, _staged_pipeline(s3_bucket, TRANSFORM))
-    pod, result = _run(task, _runner(dp, s3_endpoint), tmp_path, s3_env)
+    parity_s3.put("input/data.bin", data)
+    task, _ = _poll(dp, _staged_pipeline(parity_s3.bucket, TRANSFORM))
+    pod, result = _run(task, dp, parity_s3, tmp_path)
     assert pod.init_exit == {"dptr-stage-in": 0}
     assert pod.task_exit == 0, pod.task_stderr
     assert result.error is None and result.problems == []
     out = "output/2024-05-01/"
-    assert keys_under(s3_raw, s3_bucket, out) == [out + "nested/raw", out + "upper.bin"]
+    assert parity_s3.keys(out) == [out + "nested/raw", out + "upper.bin"]
     upper = bytes(data).translate(
         bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     )
-    assert read_object(s3_raw, s3_bucket, out + "upper.bin") == upper
-    assert read_object(s3_raw, s3_bucket, out + "nested/raw") == b"\x00\xff"
+    assert parity_s3.read(out + "upper.bin") == upper
+    assert parity_s3.read(out + "nested/raw") == b"\x00\xff"
     # stdout/stderr where the activity says, and under pipelineLogUri with the runner's names.
     stdout = f"transformed {len(data)} bytes\n".encode()
-    assert read_object(s3_raw, s3_bucket, "activity/stdout.txt") == stdout
-    assert read_object(s3_raw, s3_bucket, "activity/stderr.txt") == b"a warning\n"
+    assert parity_s3.read("activity/stdout.txt") == stdout
+    assert parity_s3.read("activity/stderr.txt") == b"a warning\n"
     prefix = f"pipeline-logs/{task.pipeline_id}/Transform/{task.instance_id}/{task.attempt_id}/"
-    assert keys_under(s3_raw, s3_bucket, "pipeline-logs/") == [
+    assert parity_s3.keys("pipeline-logs/") == [
         prefix + "Activity.log.gz",
         prefix + "StdError.gz",
         prefix + "StdOutput.gz",
     ]
-    assert read_gzip_object(s3_raw, s3_bucket, prefix + "StdOutput.gz") == stdout
-    assert b"upper.bin" in read_gzip_object(s3_raw, s3_bucket, prefix + "Activity.log.gz")
+    assert parity_s3.read_gzip(prefix + "StdOutput.gz") == stdout
+    assert b"upper.bin" in parity_s3.read_gzip(prefix + "Activity.log.gz")
 
 
 def test_failed_command_uploads_logs_but_no_outputs(
-    dp: LocalDataPipeline,
-    s3_endpoint: str,
-    s3_env: dict[str, str],
-    s3_raw: Any,
-    s3_bucket: str,
-    tmp_path: Path,
+    dp: LocalDataPipeline, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
-    s3_raw.put_object(Bucket=s3_bucket, Key="input/data.bin", Body=b"x")
+    parity_s3.put("input/data.bin", b"x")
     command = 'echo partial > "$OUTPUT1_STAGING_DIR/partial"; echo out; echo "it broke" >&2; exit 3'
-    task, _ = _poll(dp, _staged_pipeline(s3_bucket, command))
-    pod, result = _run(task, _runner(dp, s3_endpoint), tmp_path, s3_env)
+    task, _ = _poll(dp, _staged_pipeline(parity_s3.bucket, command))
+    pod, result = _run(task, dp, parity_s3, tmp_path)
     assert pod.task_exit == 3
     assert result.error is None and result.problems == []
-    assert keys_under(s3_raw, s3_bucket, "output/") == []
-    assert read_object(s3_raw, s3_bucket, "activity/stdout.txt") == b"out\n"
-    assert read_object(s3_raw, s3_bucket, "activity/stderr.txt") == b"it broke\n"
+    assert parity_s3.keys("output/") == []
+    assert parity_s3.read("activity/stdout.txt") == b"out\n"
+    assert parity_s3.read("activity/stderr.txt") == b"it broke\n"
     prefix = f"pipeline-logs/{task.pipeline_id}/Transform/{task.instance_id}/{task.attempt_id}/"
-    assert read_gzip_object(s3_raw, s3_bucket, prefix + "StdError.gz") == b"it broke\n"
-    assert b"exited with code 3" in read_gzip_object(s3_raw, s3_bucket, prefix + "Activity.log.gz")
+    assert parity_s3.read_gzip(prefix + "StdError.gz") == b"it broke\n"
+    assert b"exited with code 3" in parity_s3.read_gzip(prefix + "Activity.log.gz")
 
 
 def test_missing_input_object_fails_stage_in_with_no_such_key(
-    dp: LocalDataPipeline,
-    s3_endpoint: str,
-    s3_env: dict[str, str],
-    s3_raw: Any,
-    s3_bucket: str,
-    tmp_path: Path,
+    dp: LocalDataPipeline, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
-    task, _ = _poll(dp, _staged_pipeline(s3_bucket, "true"))
-    pod, result = _run(task, _runner(dp, s3_endpoint), tmp_path, s3_env)
+    task, _ = _poll(dp, _staged_pipeline(parity_s3.bucket, "true"))
+    pod, result = _run(task, dp, parity_s3, tmp_path)
     assert pod.init_exit == {"dptr-stage-in": 1}
     assert pod.task_exit is None and result is None  # the task container never ran
     message = pod.termination_messages["dptr-stage-in"]
     outcome = outcome_for_init_failure("dptr-stage-in", {"exitCode": 1, "message": message})
     assert (outcome.status, outcome.error_id) == ("FAILED", "dptr.StagingFailed.NoSuchKey")
-    assert f"s3://{s3_bucket}/input/data.bin" in (outcome.error_message or "")
+    assert parity_s3.uri("input/data.bin") in (outcome.error_message or "")
 
 
 def test_log_upload_failure_is_reported_not_raised(
-    dp: LocalDataPipeline,
-    s3_endpoint: str,
-    s3_env: dict[str, str],
-    s3_raw: Any,
-    s3_bucket: str,
-    tmp_path: Path,
+    dp: LocalDataPipeline, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
     task, _ = _poll(
         dp,
@@ -256,7 +229,7 @@ def test_log_upload_failure_is_reported_not_raised(
             }
         },
     )
-    pod, result = _run(task, _runner(dp, s3_endpoint), tmp_path, s3_env)
+    pod, result = _run(task, dp, parity_s3, tmp_path)
     assert pod.task_exit == 0
     assert result.error is None
     assert len(result.problems) == 2
@@ -265,10 +238,10 @@ def test_log_upload_failure_is_reported_not_raised(
 
 
 def test_data_nodes_missing_from_the_task_are_resolved_with_describe_objects(
-    dp: LocalDataPipeline, s3: Any, s3_raw: Any, s3_bucket: str, tmp_path: Path
+    dp: LocalDataPipeline, s3: Any, parity_s3: ParityS3, tmp_path: Path
 ) -> None:
-    s3_raw.put_object(Bucket=s3_bucket, Key="input/data.bin", Body=b"abc")
-    task, _ = _poll(dp, _staged_pipeline(s3_bucket, "true"))
+    parity_s3.put("input/data.bin", b"abc")
+    task, _ = _poll(dp, _staged_pipeline(parity_s3.bucket, "true"))
     bare = task.model_copy(update={"objects": {}})
     plan = plan_staging(bare, root=str(tmp_path / "staging"))
     assert plan is not None and plan.unresolved == ["In", "Out"]
@@ -283,8 +256,8 @@ def test_data_nodes_missing_from_the_task_are_resolved_with_describe_objects(
     with client:
         resolved = resolve_plan(plan, client)
     assert [(n.ref, n.uri) for n in resolved.nodes] == [
-        ("In", f"s3://{s3_bucket}/input/data.bin"),
-        ("Out", f"s3://{s3_bucket}/output/2024-05-01"),  # expression evaluated by the service
+        ("In", parity_s3.uri("input/data.bin")),
+        ("Out", parity_s3.uri("output/2024-05-01")),  # expression evaluated by the service
     ]
     if before is not None:
         after = len([c for c in dp.ledger.calls if c["operation"] == "DescribeObjects"])
@@ -295,9 +268,9 @@ def test_data_nodes_missing_from_the_task_are_resolved_with_describe_objects(
 
 
 def test_unknown_data_node_in_describe_objects_is_a_clear_error(
-    dp: LocalDataPipeline, s3_bucket: str
+    dp: LocalDataPipeline, parity_s3: ParityS3
 ) -> None:
-    task, _ = _poll(dp, _staged_pipeline(s3_bucket, "true"))
+    task, _ = _poll(dp, _staged_pipeline(parity_s3.bucket, "true"))
     plan = plan_staging(task.model_copy(update={"objects": {}}))
     assert plan is not None
     plan = type(plan)(

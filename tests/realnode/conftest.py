@@ -39,6 +39,7 @@ import pytest
 
 from dptr_testbed import binaries, images, realnode
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.waiting import wait_for
 
 HERE = Path(__file__).resolve().parent
 PROBE_IMAGE = "localhost/dptr-realnode-probe:dev"
@@ -109,19 +110,20 @@ class RealBed:
         namespace = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
         self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-        deadline = time.monotonic() + timeout
         pod: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+
+        def ended() -> bool:
+            nonlocal pod
             pod = json.loads(self.kubectl("get", "pod", "-n", namespace, name, "-o", "json"))
-            if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-                break
-            time.sleep(0.5)
-        else:
+            return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+        try:
+            wait_for(ended, timeout=timeout, interval=0.5, what=f"pod {namespace}/{name} to finish")
+        except AssertionError as err:
             events = self.kubectl("get", "events", "-n", namespace, check=False)
             raise AssertionError(
-                f"pod {namespace}/{name} did not finish within {timeout:.0f}s: "
-                f"{json.dumps(pod.get('status'), indent=1)}\nevents:\n{events}"
-            )
+                f"{err}: {json.dumps(pod.get('status'), indent=1)}\nevents:\n{events}"
+            ) from None
         statuses = pod["status"].get("containerStatuses") or []
         terminated = statuses[0].get("state", {}).get("terminated", {}) if statuses else {}
         logs = self.kubectl("logs", "-n", namespace, name, check=False)

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import pytest
 
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, LocalDataPipeline
 from dptr_testbed import images
+from dptr_testbed.waiting import wait_for
 
 from .conftest import PROBE_IMAGE, RealBed
 
@@ -60,17 +61,6 @@ HOSTILE = {
     "stderr": f"s3://{BUCKET}/out/$(POD_NAME)/stderr",
     "maximumRetries": "0",
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.5)
 
 
 def split_image(ref: str) -> tuple[str, str]:
@@ -266,7 +256,12 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
         return None
 
     try:
-        wait_for(sidecar_owns_canceled, 240, "the Canceled task's pod running with the sidecar heartbeating")
+        wait_for(
+            sidecar_owns_canceled,
+            timeout=240,
+            what="the Canceled task's pod running with the sidecar heartbeating",
+            interval=0.5,
+        )
     except AssertionError as err:
         raise AssertionError(f"{err}\n{installed.diagnostics()}") from None
     timings["cancel target running"] = time.monotonic() - t0
@@ -288,7 +283,7 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
         return None
 
     try:
-        attempts = wait_for(all_outcomes, 180, "an outcome for every activity")
+        attempts = wait_for(all_outcomes, timeout=180, what="an outcome for every activity", interval=0.5)
     except AssertionError as err:
         ledger = json.dumps(datapipeline.ledger.to_json(include_calls=False), default=str)[:6000]
         raise AssertionError(f"{err}\nledger: {ledger}\n{installed.diagnostics()}") from None
@@ -346,8 +341,9 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
                 check=False,
             ).strip()
         ),
-        60,
-        "the canceled task's Job deleted",
+        timeout=60,
+        what="the canceled task's Job deleted",
+        interval=0.5,
     )
     # The chart's least-privilege RBAC is all the operator needed: nothing was refused.
     op_logs = real_bed.kubectl("logs", "-n", installed.release_ns, op_pod["metadata"]["name"], check=False)

@@ -11,7 +11,9 @@ from typing import Any
 from dptr_datapipeline import LocalDataPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-from op_helpers import Cluster, wait_for
+from op_helpers import Cluster
+
+from dptr_testbed.waiting import wait_for
 
 __all__ = ["find_leaks", "outcomes"]
 

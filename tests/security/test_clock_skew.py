@@ -16,11 +16,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from op_helpers import Cluster, wait_for
+from op_helpers import Cluster
 
 from dptr_common import ledger
 from dptr_common.kube import KubeClient
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -90,9 +91,10 @@ def running_task(
     )
     secure_cluster.create_runner(datapipeline, "wg-skew")
     datapipeline.run_pipeline({"Echo": ECHO}, worker_group="wg-skew")
-    pod = wait_for(secure_cluster.pods, what="the task pod")[0]["metadata"]["name"]
+    pod = wait_for(secure_cluster.pods, timeout=20, what="the task pod")[0]["metadata"]["name"]
     task = wait_for(
         lambda: [t for t in secure_cluster.tasks() if (t.get("status") or {}).get("acknowledgedAt")],
+        timeout=20,
         what="the acknowledged PipelineTask",
     )[0]
     yield task, pod

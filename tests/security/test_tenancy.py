@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
 from dptr_common.awsauth import session_name_for
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,10 @@ from dptr_common.task import Task, parse_task
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
 from dptr_testbed.installs import SIDECAR_ACCOUNT, sidecar_rbac
+from dptr_testbed.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TIME_SCALE = 0.01  # the datapipeline fixture's
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what or predicate}")
-        time.sleep(interval)
 
 
 def install_sidecar_rbac(kube: KubeClient, namespace: str, account: str = SIDECAR_ACCOUNT) -> None:
@@ -85,7 +72,7 @@ class RunningTask:
         return self.kube.list(pod_path(self.harness.namespace), label_selector=selector)
 
     def pod(self, timeout: float = 30.0) -> dict[str, Any]:
-        pods: list[dict[str, Any]] = wait_for(self.pods, timeout, what="the Job's pod")
+        pods: list[dict[str, Any]] = wait_for(self.pods, timeout=timeout, what="the Job's pod")
         self._pod_uid = pods[0]["metadata"]["uid"]
         return pods[0]
 
@@ -118,13 +105,15 @@ class RunningTask:
         return None if record is None else record.outcome
 
     def wait_outcome(self, timeout: float = 60.0) -> Any:
-        wait_for(lambda: self.outcome() is not None, timeout, what=f"an outcome for {self.attempt_id}")
+        wait_for(
+            lambda: self.outcome() is not None, timeout=timeout, what=f"an outcome for {self.attempt_id}"
+        )
         return self.record()
 
     def wait_reported(self, timeout: float = 60.0) -> dict[str, Any]:
         status: dict[str, Any] = wait_for(
             lambda: (s := self.status()).get("report", {}).get("reportedAt") and s,
-            timeout,
+            timeout=timeout,
             what="report.reportedAt on the PipelineTask",
         )
         return status
@@ -132,7 +121,7 @@ class RunningTask:
     def wait_sidecar_took_over(self, timeout: float = 60.0) -> dict[str, Any]:
         status: dict[str, Any] = wait_for(
             lambda: (s := self.status()).get("heartbeat", {}).get("owner") == "sidecar" and s,
-            timeout,
+            timeout=timeout,
             what="heartbeat.owner == sidecar",
         )
         return status
@@ -198,7 +187,7 @@ class SidecarHarness:
                 "jobTemplate": {"image": "localhost/dptr-task:test"},
             },
         }
-        created = wait_for(lambda: self._create_runner(runner), 30, what="TaskRunner created")
+        created = wait_for(lambda: self._create_runner(runner), timeout=30, what="TaskRunner created")
         self.runner = TaskRunner.from_k8s(created)
 
     def _create_runner(self, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -216,12 +205,16 @@ class SidecarHarness:
 
     def poll(self, objects: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         pipeline_id = self.datapipeline.run_pipeline(objects, worker_group=self.worker_group)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            answer = self.dp.poll_for_task(workerGroup=self.worker_group, hostname="dptr-test")
-            if answer.get("taskObject"):
-                return pipeline_id, answer["taskObject"]
-        raise AssertionError("no task polled")
+        # No pause between tries: each is a long poll.
+        task_object: dict[str, Any] = wait_for(
+            lambda: self.dp.poll_for_task(workerGroup=self.worker_group, hostname="dptr-test").get(
+                "taskObject"
+            ),
+            timeout=30,
+            interval=0,
+            what="a task polled",
+        )
+        return pipeline_id, task_object
 
     def start(self, command: str, *, object_type: str = "ShellCommandActivity", **fields: Any) -> RunningTask:
         """Poll a task running ``command``, ack it, create its PipelineTask and Job."""

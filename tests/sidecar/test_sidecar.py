@@ -16,8 +16,9 @@ import pytest
 
 from dptr_common.kube import NotFound
 from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.waiting import wait_for
 
-from .conftest import RunningTask, SidecarHarness, dump, sidecar_pids, wait_for
+from .conftest import RunningTask, SidecarHarness, dump, sidecar_pids
 
 pytestmark = pytest.mark.cluster
 
@@ -100,8 +101,8 @@ def test_cancel_mid_run(harness: SidecarHarness, datapipeline: LocalDataPipeline
     running.wait_sidecar_took_over()
     harness.cancel(running)
     try:
-        wait_for(lambda: not running.job_exists(), 60, what="the Job deleted")
-        wait_for(lambda: not running.pods(), 90, what="the pod gone")
+        wait_for(lambda: not running.job_exists(), timeout=60, what="the Job deleted")
+        wait_for(lambda: not running.pods(), timeout=90, what="the pod gone")
         status = running.status()
         assert status["phase"] == "Canceled" and status["canceled"]["by"].startswith("sidecar/")
         assert any(e["reason"] == "Canceled" for e in running.events())
@@ -115,10 +116,10 @@ def test_pipeline_deleted_is_a_cancel(harness: SidecarHarness, datapipeline: Loc
     running = harness.start("sleep 300")
     running.wait_sidecar_took_over()
     harness.dp.delete_pipeline(pipelineId=running.pipeline_id)
-    wait_for(lambda: not running.job_exists(), 60, what="the Job deleted")
-    wait_for(lambda: running.status().get("phase") == "Canceled", 30, what="phase Canceled")
+    wait_for(lambda: not running.job_exists(), timeout=60, what="the Job deleted")
+    wait_for(lambda: running.status().get("phase") == "Canceled", timeout=30, what="phase Canceled")
     assert running.status()["canceled"]["reason"] in ("PipelineDeletedException", "TaskNotFoundException")
-    wait_for(lambda: not running.pods(), 90, what="the pod gone")
+    wait_for(lambda: not running.pods(), timeout=90, what="the pod gone")
     finish(datapipeline, running, "CANCELED")
     assert set_task_status_calls(datapipeline, running) == 0
 
@@ -160,10 +161,10 @@ def test_sidecar_killed_and_restarted(harness: SidecarHarness, datapipeline: Loc
     running = harness.start("sleep 6; exit 7")
     running.wait_sidecar_took_over()
     pod = running.pod_name()
-    pids = wait_for(lambda: sidecar_pids(pod), 10, what="the sidecar process")
+    pids = wait_for(lambda: sidecar_pids(pod), timeout=10, what="the sidecar process")
     os.kill(pids[0], signal.SIGKILL)
     # The stand-in restarts it (a native sidecar has restartPolicy Always); it resumes.
-    wait_for(lambda: [p for p in sidecar_pids(pod) if p not in pids], 30, what="a restarted sidecar")
+    wait_for(lambda: [p for p in sidecar_pids(pod) if p not in pids], timeout=30, what="a restarted sidecar")
     record = finish(datapipeline, running, "FAILED")
     assert record.error_id == "dptr.ExitCode.7"  # type: ignore[attr-defined]
     assert set_task_status_calls(datapipeline, running) == 1
@@ -178,7 +179,7 @@ def test_sigterm_before_the_main_container_exits(
     running = harness.start("sleep 2; exit 5")
     running.wait_sidecar_took_over()
     pod = running.pod_name()
-    pid = wait_for(lambda: sidecar_pids(pod), 10, what="the sidecar process")[0]
+    pid = wait_for(lambda: sidecar_pids(pod), timeout=10, what="the sidecar process")[0]
     os.kill(pid, signal.SIGTERM)
     record = finish(datapipeline, running, "FAILED")
     assert record.error_id == "dptr.ExitCode.5"  # type: ignore[attr-defined]
@@ -212,7 +213,7 @@ def test_pod_deleted_while_running(harness: SidecarHarness, datapipeline: LocalD
     running.pod()
     # Only once the trap is set: before that the shell is a PID 1 without a handler,
     # which ignores SIGTERM, and the pod would end at SIGKILL, unreported by design.
-    wait_for(lambda: b"trap-set" in task_log(harness, running), 60, what="the task's SIGTERM trap")
+    wait_for(lambda: b"trap-set" in task_log(harness, running), timeout=60, what="the task's SIGTERM trap")
     harness.kube.delete(f"/api/v1/namespaces/{harness.namespace}/pods/{running.pod_name()}")
     record = finish(datapipeline, running, "FAILED")
     assert record.error_id.startswith("dptr.Signal.")  # type: ignore[attr-defined]

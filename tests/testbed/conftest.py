@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testbed_helpers import Kube, PodEvents, wait_for
+from testbed_helpers import Kube, PodEvents
 
 from dptr_testbed.controlplane import Testbed
+from dptr_testbed.waiting import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +43,9 @@ def ns(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     # Pods are refused until the namespace's default ServiceAccount exists.
     wait_for(
         lambda: kube.core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
-        30,
-        "the default ServiceAccount",
+        timeout=30,
+        what="the default ServiceAccount",
+        interval=0.3,
     )
     yield name
     kube.core.delete_namespace(name, propagation_policy="Background")

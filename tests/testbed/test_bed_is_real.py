@@ -7,7 +7,9 @@ import json
 
 import pytest
 from kubernetes import client
-from testbed_helpers import Kube, PodEvents, wait_for
+from testbed_helpers import Kube, PodEvents
+
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -33,7 +35,9 @@ def test_a_failing_job_goes_pending_running_failed(kube: Kube, ns: str, pod_even
     assert kube.job_condition(ns, "fails") == "Failed"
     (pod,) = kube.pods(ns, "job-name=fails")
     name = pod["metadata"]["name"]
-    wait_for(lambda: pod_events.phases(name)[-1:] == ["Failed"], 10, "the Failed event")
+    wait_for(
+        lambda: pod_events.phases(name)[-1:] == ["Failed"], timeout=10, what="the Failed event", interval=0.3
+    )
     assert pod_events.phases(name) == ["Pending", "Running", "Failed"]
     (status,) = pod["status"]["containerStatuses"]
     term = status["state"]["terminated"]
@@ -56,12 +60,17 @@ def test_a_succeeding_job_completes(kube: Kube, ns: str) -> None:
 def test_background_deletion_of_a_job_removes_its_pods(kube: Kube, ns: str) -> None:
     # The container handles SIGTERM (it is PID 1, which ignores it otherwise).
     kube.create_job(ns, job("long", ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.2; done"]))
-    (pod,) = wait_for(lambda: kube.pods(ns, "job-name=long"), 30, "the Job's pod")
+    (pod,) = wait_for(lambda: kube.pods(ns, "job-name=long"), timeout=30, what="the Job's pod", interval=0.3)
     kube.wait_phase(ns, pod["metadata"]["name"], "Running")
 
     kube.batch.delete_namespaced_job("long", ns, propagation_policy="Background")
 
-    wait_for(lambda: not kube.pods(ns, "job-name=long"), 60, "the garbage collector to remove the pod")
+    wait_for(
+        lambda: not kube.pods(ns, "job-name=long"),
+        timeout=60,
+        what="the garbage collector to remove the pod",
+        interval=0.3,
+    )
     with pytest.raises(client.ApiException) as err:
         kube.job(ns, "long")
     assert err.value.status == 404

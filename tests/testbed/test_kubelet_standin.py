@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 import pytest
-from testbed_helpers import Kube, PodEvents, wait_for
+from testbed_helpers import Kube, PodEvents
 
 from dptr_testbed import controlplane
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -227,14 +228,20 @@ def test_deletion_sends_sigterm_then_sigkill_after_the_grace_period(
     for name in ("polite", "stubborn"):
         wait_for(
             lambda name=name: "trap-set" in kube.core.read_namespaced_pod_log("doomed", ns, container=name),
-            30,
-            f"{name}'s trap",
+            timeout=30,
+            what=f"{name}'s trap",
+            interval=0.3,
         )
     start = time.time()
     kube.core.delete_namespaced_pod("doomed", ns)
-    wait_for(lambda: kube.pod(ns, "doomed") is None, 30, "the pod to be removed")
+    wait_for(lambda: kube.pod(ns, "doomed") is None, timeout=30, what="the pod to be removed", interval=0.3)
     elapsed = time.time() - start
-    wait_for(lambda: any(t == "DELETED" for t, _ in pod_events.of("doomed")), 10, "the DELETED event")
+    wait_for(
+        lambda: any(t == "DELETED" for t, _ in pod_events.of("doomed")),
+        timeout=10,
+        what="the DELETED event",
+        interval=0.3,
+    )
 
     final = next(
         p

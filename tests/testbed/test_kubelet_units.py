@@ -15,6 +15,7 @@ from dptr_testbed.kubelet.launch import ContainerProcess, LaunchSpec, Mount
 from dptr_testbed.kubelet.logs import tail
 from dptr_testbed.kubelet.pods import termination_message
 from dptr_testbed.kubelet.volumes import write_atomic
+from dptr_testbed.waiting import wait_for
 
 POD = {
     "metadata": {
@@ -164,9 +165,7 @@ def test_pid_1_ignores_sigterm_without_a_handler_and_dies_to_sigkill(tmp_path: P
     )
     ls.termination_log.write_bytes(b"")
     proc = ContainerProcess(ls)
-    deadline = time.monotonic() + 10
-    while not proc.exec_done() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(proc.exec_done, timeout=10, interval=0.05, what="the container's exec")
     assert proc.signal(signal.SIGTERM)
     time.sleep(0.5)
     assert proc.poll() is None

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from testbed_helpers import Kube, wait_for
+from testbed_helpers import Kube
 
 from dptr_testbed import controlplane
+from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -50,9 +51,14 @@ def test_a_killed_stand_in_loses_its_containers_and_its_node(
 
     bed.stop_node("node-1", kill=True)
     try:
-        wait_for(lambda: not _processes_with(marker), 10, "the container to die with its node")
+        wait_for(
+            lambda: not _processes_with(marker),
+            timeout=10,
+            what="the container to die with its node",
+            interval=0.3,
+        )
         # The node lifecycle controller notices the silence (grace period 20 s in the bed).
-        wait_for(lambda: _ready(kube) != "True", 90, "the node to go NotReady", interval=1)
+        wait_for(lambda: _ready(kube) != "True", timeout=90, what="the node to go NotReady", interval=1)
     finally:
         bed.start_node("node-1")
 
@@ -65,4 +71,4 @@ def test_a_killed_stand_in_loses_its_containers_and_its_node(
         node = kube.plain(kube.core.read_node("node-1"))
         return _ready(kube) == "True" and not node["spec"].get("taints")
 
-    wait_for(healthy, 90, "the node to be Ready and untainted again", interval=1)
+    wait_for(healthy, timeout=90, what="the node to be Ready and untainted again", interval=1)

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from kubernetes import client, config, watch
 
 from dptr_testbed.controlplane import Testbed
+from dptr_testbed.waiting import wait_for
 
-T = TypeVar("T")
 JSON = dict[str, Any]
-
-
-def wait_for(
-    fn: Callable[[], T | None], timeout: float = 60, what: str = "condition", interval: float = 0.3
-) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 class Kube:
@@ -70,7 +56,7 @@ class Kube:
             pod = self.pod(ns, name)
             return pod if pod is not None and pred(pod) else None
 
-        return wait_for(check, timeout, what or f"pod {ns}/{name}")
+        return wait_for(check, timeout=timeout, what=what or f"pod {ns}/{name}", interval=0.3)
 
     def wait_phase(self, ns: str, name: str, *phases: str, timeout: float = 60) -> JSON:
         return self.wait_pod(
@@ -86,7 +72,7 @@ class Kube:
                     return str(cond["type"])
             return None
 
-        return wait_for(check, timeout, f"job {name} to finish")
+        return wait_for(check, timeout=timeout, what=f"job {name} to finish", interval=0.3)
 
     def logs(self, ns: str, pod: str, container: str, **kw: Any) -> str:
         text: str = self.core.read_namespaced_pod_log(pod, ns, container=container, **kw)
