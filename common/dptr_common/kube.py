@@ -15,10 +15,11 @@ Configuration, chosen by :meth:`KubeClient.from_env`:
   and key (files or data) or token (or tokenFile).  JSON always works; YAML only when
   PyYAML is importable.
 
-Every call has a timeout; connections are kept alive, one per thread.  Events are
-written as core ``v1`` Events (what ``kubectl describe`` and kopf use, so one RBAC rule
-``events: create`` in the core group serves the operator and the sidecar), with
-``reportingComponent``/``reportingInstance`` filled in.
+Every call has a timeout; connections are kept alive, one per thread (a stream, such as
+a watch or a log read incrementally, gets a connection of its own:
+:meth:`KubeClient.stream`).  Events are written as core ``v1`` Events (what ``kubectl
+describe`` and kopf use, so one RBAC rule ``events: create`` in the core group serves the
+operator and the sidecar), with ``reportingComponent``/``reportingInstance`` filled in.
 """
 
 from __future__ import annotations
@@ -418,12 +419,14 @@ class KubeClient:
                 conn.sock.settimeout(timeout)
             conn.timeout = timeout
             return conn, True
-        if self._scheme == "https":
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn = self._new_connection(timeout)
         self._local.conn = conn
         return conn, False
+
+    def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._scheme == "https":
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _drop_connection(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -455,21 +458,15 @@ class KubeClient:
         had closed is retried once on a new connection; a 401 with a token file re-reads
         the token and retries once.
         """
-        url = self._prefix + path
-        if query:
-            pairs = {k: ("true" if v is True else "false" if v is False else v) for k, v in query.items()}
-            url += "?" + urllib.parse.urlencode({k: v for k, v in pairs.items() if v is not None})
+        url = self._url(path, query)
         payload = None if body is None else json.dumps(body).encode()
         limit = self.timeout if timeout is None else timeout
         token_refreshed = False
         stale_retry_done = False
         while True:
-            headers = {"Accept": accept, "User-Agent": self.user_agent}
-            if payload is not None:
-                headers["Content-Type"] = content_type
-            token = self.config.bearer_token(force=token_refreshed)
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
+            headers = self._headers(
+                accept, content_type if payload is not None else None, refresh_token=token_refreshed
+            )
             conn, reused = self._connection(limit)
             try:
                 conn.request(method, url, body=payload, headers=headers)
@@ -494,7 +491,7 @@ class KubeClient:
             if response.will_close:
                 self._drop_connection()
             status = response.status
-            if status == 401 and self.config.token_file and not token_refreshed:
+            if self._retry_with_new_token(status, token_refreshed):
                 token_refreshed = True
                 continue
             if status >= 400:
@@ -504,6 +501,60 @@ class KubeClient:
             if not data:
                 return None
             return json.loads(data)
+
+    def stream(
+        self, path: str, query: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """GET ``path`` on a connection of its own and return it with the response, unread:
+        for a watch or a log, read incrementally so memory stays bounded.  The caller closes
+        the connection (closing it from another thread ends a blocked read).
+
+        Raises like :meth:`request` for error statuses, and :class:`ApiUnavailable` when no
+        answer came; a 401 with a token file re-reads the token and retries once.
+        """
+        url = self._url(path, query)
+        conn = self._new_connection(self.timeout if timeout is None else timeout)
+        token_refreshed = False
+        while True:
+            try:
+                conn.request("GET", url, headers=self._headers("*/*", refresh_token=token_refreshed))
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._unreachable()
+                raise ApiUnavailable(0, "ConnectionError", f"GET {path}: {exc!r}") from exc
+            self.unreachable_since = None
+            if self._retry_with_new_token(response.status, token_refreshed):
+                response.read()
+                token_refreshed = True
+                continue
+            if response.status >= 400:
+                data = response.read(64 * 1024)
+                conn.close()
+                raise self._error(response.status, data, "GET", path)
+            return conn, response
+
+    def _url(self, path: str, query: Mapping[str, Any] | None) -> str:
+        url = self._prefix + path
+        if query:
+            pairs = {k: ("true" if v is True else "false" if v is False else v) for k, v in query.items()}
+            url += "?" + urllib.parse.urlencode({k: v for k, v in pairs.items() if v is not None})
+        return url
+
+    def _headers(
+        self, accept: str, content_type: str | None = None, *, refresh_token: bool
+    ) -> dict[str, str]:
+        headers = {"Accept": accept, "User-Agent": self.user_agent}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        token = self.config.bearer_token(force=refresh_token)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def _retry_with_new_token(self, status: int, refreshed: bool) -> bool:
+        """A 401 with a token file: re-read the token (it may have rotated) and retry once."""
+        return status == 401 and bool(self.config.token_file) and not refreshed
 
     def _unreachable(self) -> None:
         if self.unreachable_since is None:

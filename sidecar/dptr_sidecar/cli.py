@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from typing import TYPE_CHECKING
+import threading
 
-if TYPE_CHECKING:
-    from dptr_common.datapipeline import DataPipelineClient
+from dptr_common.awsauth import AssumedRole
+from dptr_common.datapipeline import DataPipelineClient
+
+from .config import ConfigError, SidecarConfig
 
 USAGE = """usage: dptr-sidecar [run | fetch-script | stage-in]
 
@@ -41,12 +44,9 @@ def _setup_logging() -> None:
 
 
 def run() -> int:
-    import signal
-    import threading
-
+    # Lazy: fetch-script and stage-in never load the Kubernetes client (.sidecar does too).
     from dptr_common.kube import KubeClient
 
-    from .config import ConfigError, SidecarConfig
     from .sidecar import Sidecar
 
     sigterm = threading.Event()
@@ -64,9 +64,6 @@ def run() -> int:
         return 2
 
     def make_dp() -> DataPipelineClient:
-        from dptr_common.awsauth import AssumedRole
-        from dptr_common.datapipeline import DataPipelineClient
-
         return DataPipelineClient(
             config.region,
             config.endpoint_url,
@@ -90,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         return run()
     if command == "fetch-script":
+        # Lazy: .staging loads pydantic (about 11 MB), which ``run`` never needs.
         from .staging import fetch_script_main
 
         return fetch_script_main(args[1:])
     if command == "stage-in":
+        # Lazy, as for fetch-script.
         from .staging import stage_in_main
 
         return stage_in_main(args[1:])

@@ -1,9 +1,10 @@
 """Streaming reads from the API server: a pod watch and a bounded log tail.
 
-:class:`dptr_common.kube.KubeClient` reads whole responses, which suits objects but not
-a watch (an open-ended stream) or a task's log (which may be gigabytes).  These helpers
-open their own connection with the client's configuration (server, TLS, the rotating
-token) and read incrementally, so memory stays bounded whatever the task printed.
+:meth:`dptr_common.kube.KubeClient.request` reads whole responses, which suits objects
+but not a watch (an open-ended stream) or a task's log (which may be gigabytes).  These
+helpers read a :meth:`~dptr_common.kube.KubeClient.stream` (a connection of its own, with
+the client's server, TLS and rotating token) incrementally, so memory stays bounded
+whatever the task printed.
 """
 
 from __future__ import annotations
@@ -13,56 +14,16 @@ import http.client
 import json
 import logging
 import threading
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from dptr_common.kube import ApiError, ApiUnavailable, KubeClient, NotFound, pod_path
+from dptr_common.kube import ApiError, KubeClient, NotFound, pod_path
 
-__all__ = ["PodWatcher", "open_stream", "read_log_tail", "stream_log"]
+__all__ = ["PodWatcher", "read_log_tail", "stream_log"]
 
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 64 * 1024
-
-
-def open_stream(
-    kube: KubeClient, path: str, query: Mapping[str, Any], *, timeout: float
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``path`` and return the connection and the (unread) response; raises ApiError
-    subclasses for error statuses like :meth:`KubeClient.request`.  Close the connection."""
-    server = urllib.parse.urlsplit(kube.config.server)
-    host = server.hostname or "localhost"
-    conn: http.client.HTTPConnection
-    if server.scheme == "https":
-        conn = http.client.HTTPSConnection(
-            host, server.port or 443, timeout=timeout, context=kube.config.ssl_context()
-        )
-    else:
-        conn = http.client.HTTPConnection(host, server.port or 80, timeout=timeout)
-    url = server.path.rstrip("/") + path
-    pairs = {k: ("true" if v is True else "false" if v is False else v) for k, v in query.items()}
-    url += "?" + urllib.parse.urlencode({k: v for k, v in pairs.items() if v is not None})
-    for force_token in (False, True):
-        headers = {"Accept": "*/*", "User-Agent": kube.user_agent}
-        token = kube.config.bearer_token(force=force_token)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        try:
-            conn.request("GET", url, headers=headers)
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise ApiUnavailable(0, "ConnectionError", f"GET {path}: {exc!r}") from exc
-        if response.status == 401 and not force_token and kube.config.token_file:
-            response.read()
-            continue
-        if response.status >= 400:
-            data = response.read(64 * 1024)
-            conn.close()
-            raise KubeClient._error(response.status, data, "GET", path)
-        return conn, response
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def read_log_tail(
@@ -78,7 +39,7 @@ def read_log_tail(
     """The last ``max_bytes`` of the container's log (at most its last ``tail_lines``
     lines), streamed so that a huge log never sits in memory; raw bytes (any encoding)."""
     query = {"container": container, "tailLines": tail_lines}
-    conn, response = open_stream(kube, pod_path(namespace, pod, "log"), query, timeout=timeout)
+    conn, response = kube.stream(pod_path(namespace, pod, "log"), query, timeout=timeout)
     tail = bytearray()
     try:
         while True:
@@ -97,9 +58,7 @@ def stream_log(
     kube: KubeClient, namespace: str, pod: str, container: str, *, timeout: float = 60.0
 ) -> Iterator[bytes]:
     """The container's whole log, chunk by chunk (never all of it in memory)."""
-    conn, response = open_stream(
-        kube, pod_path(namespace, pod, "log"), {"container": container}, timeout=timeout
-    )
+    conn, response = kube.stream(pod_path(namespace, pod, "log"), {"container": container}, timeout=timeout)
     try:
         while True:
             chunk = response.read(_READ_CHUNK)
@@ -216,7 +175,7 @@ class PodWatcher:
             "allowWatchBookmarks": True,
         }
         path = pod_path(self.namespace)
-        conn, response = open_stream(self.kube, path, query, timeout=self.watch_timeout + 30)
+        conn, response = self.kube.stream(path, query, timeout=self.watch_timeout + 30)
         self._conn = conn
         try:
             while not self.stop.is_set():

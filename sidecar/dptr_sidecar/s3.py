@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dptr_common.awsauth import AssumedRole, StaticCredentials, make_session
+
 from .safefs import file_slice
 
 __all__ = [
@@ -104,9 +106,8 @@ class S3Client:
         session_token: str | None = None,
         part_size: int = PART_SIZE,
     ) -> None:
+        # Lazy: botocore is loaded only when S3 is used (the module docstring's promise).
         from botocore.config import Config
-
-        from dptr_common.awsauth import AssumedRole, StaticCredentials, make_session
 
         env = os.environ if env is None else env
         self.region = region or env.get("AWS_REGION") or env.get("DPTR_REGION") or "us-east-1"

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from dptr_common.awsauth import AssumedRole
+from dptr_common.datapipeline import DataPipelineClient, DataPipelineError
 from dptr_common.errors import Outcome, TaskError, error_id
 from dptr_common.render_staging import PLAN_DIR
 from dptr_common.staging_plan import STAGING_ROOT, StagedNode, StagingPlan, data_node_location
@@ -79,8 +81,6 @@ def resolve_plan(plan: StagingPlan, client: Any) -> StagingPlan:
     missing = plan.unresolved
     if not missing:
         return plan
-    from dptr_common.datapipeline import DataPipelineError
-
     try:
         described = client.describe_objects(plan.pipeline_id, missing, evaluate_expressions=True)
     except DataPipelineError as exc:
@@ -358,9 +358,6 @@ def _s3_from_env(env: Mapping[str, str]) -> S3Client:
 
 
 def _dp_client_from_env(env: Mapping[str, str]) -> Any:
-    from dptr_common.awsauth import AssumedRole
-    from dptr_common.datapipeline import DataPipelineClient
-
     return DataPipelineClient(
         region=env.get("DPTR_REGION") or env.get("AWS_REGION") or "us-east-1",
         endpoint_url=env.get("DPTR_ENDPOINT_URL") or None,

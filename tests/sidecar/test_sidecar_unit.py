@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from dptr_sidecar.config import ConfigError, SidecarConfig
-from dptr_sidecar.sidecar import task_end
+from dptr_sidecar.podstate import task_end
 
 ENV = {"POD_NAME": "p", "POD_NAMESPACE": "ns", "DPTR_PIPELINETASK": "pt"}
 
