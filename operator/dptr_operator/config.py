@@ -97,6 +97,11 @@ class OperatorConfig(BaseModel):
     def extra_sidecar_env(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.sidecar_env)
 
+    @property
+    def sidecar_container_env(self) -> dict[str, str]:
+        """What every sidecar is given besides the task's own values."""
+        return {**self.extra_sidecar_env, "DPTR_TIME_SCALE": repr(self.time_scale)}
+
     @model_validator(mode="after")
     def _scope(self) -> OperatorConfig:
         if self.all_namespaces and self.namespaces:

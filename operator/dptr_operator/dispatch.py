@@ -3,7 +3,7 @@
 1. parse it (a malformed task is reported FAILED right away, through the ledger);
 2. record it as a PipelineTask named from (pipelineId, attemptId): a repeated poll of
    the same attempt finds it (409 AlreadyExists) and creates nothing new.  Its
-   finalizer keeps a user's deletion from losing the attempt (see runtime.py);
+   finalizer keeps a user's deletion from losing the attempt (see pods.py);
 3. acknowledge it with ReportTaskProgress at once, inside the 2-minute window, whatever
    the scheduling of its pod will take;
 4. render and create its Job (owner: the PipelineTask, itself owned by the TaskRunner);
@@ -13,16 +13,20 @@
 Every refusal ends the attempt FAILED once, with an errorId that names the cause: a
 PipelineTask the API server refuses (``dptr.PipelineTaskRejected.*``, reported directly:
 there is no ledger to go through), a Job it refuses (``dptr.JobRejected.*``, through the
-ledger), a task too large for either (``dptr.InvalidTask.TooLarge.*``).
+ledger), a task too large for either (``dptr.InvalidTask.TooLarge.*``).  An API server
+that does not answer (connection refused, 5xx, 429 past the retries) is an outage, not a
+refusal, and fails nothing: without a PipelineTask the attempt is left unacknowledged
+for Data Pipeline to give again (a ``TaskNotRecorded`` Event); with one, the task is
+heartbeated and its Job created by the sweep once the API server is back (``JobPending``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dptr_common import ledger, naming
 from dptr_common.bounds import check_object
@@ -33,13 +37,13 @@ from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTaskSpec
 from dptr_common.render import render_job
 from dptr_common.task import Task, parse_task
 from dptr_operator.events import pipeline_task_ref, task_runner_ref
+from dptr_operator.heartbeats import HeartbeatScheduler
 from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry
+from dptr_operator.polling import RunnerWorker
+from dptr_operator.reporter import Reporter
+from dptr_operator.services import Services
 
-if TYPE_CHECKING:
-    from dptr_operator.polling import RunnerWorker
-    from dptr_operator.runtime import Operator
-
-__all__ = ["dispatch", "ensure_job", "pipeline_task_body"]
+__all__ = ["Dispatcher", "JobPending", "pipeline_task_body", "rejection"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ def pipeline_task_body(spec: PipelineTaskSpec, worker: RunnerWorker) -> dict[str
             "labels": labels,
             "annotations": annotations,
             "ownerReferences": [owner],
-            # Held while the attempt is open: a deletion then reports it (runtime.py).
+            # Held while the attempt is open: a deletion then reports it (pods.py).
             "finalizers": [ATTEMPT_FINALIZER],
         },
         "spec": spec.to_k8s(),
@@ -98,223 +102,310 @@ def rejection(exc: ApiError, kind: str) -> TaskError:
 _TRANSIENT = (0, 429, 500, 502, 503, 504)
 
 
-def _create_pipeline_task(
-    op: Operator, body: Mapping[str, Any], deadline: float
-) -> tuple[dict[str, Any], bool]:
-    ns = body["metadata"]["namespace"]
-    name = body["metadata"]["name"]
-    while True:
-        try:
-            with op.metrics.timed("CreatePipelineTask"):
-                return op.kube.create(pipelinetask_path(ns), body), True
-        except Conflict as exc:
-            if exc.reason != "AlreadyExists":
-                raise
-            return op.kube.get(pipelinetask_path(ns, name)), False
-        except ApiError as exc:
-            if exc.status not in _TRANSIENT or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+class JobPending(Exception):  # noqa: N818 - a state, not a failure
+    """The API server did not answer while the Job was being created."""
 
 
-def dispatch(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any]) -> None:
-    """Turn one PollForTask answer into a PipelineTask, an ack and a Job."""
-    started = time.monotonic()
-    runner_label = f"{worker.namespace}/{worker.name}"
-    op.metrics.tasks_polled.labels(runner_label).inc()
-    worker.counts.polled += 1
-    try:
-        task = parse_task(raw)
-    except TaskError as err:
-        _report_unparseable(op, worker, raw, err)
-        return
-    spec = PipelineTaskSpec.from_task(task, task_runner=worker.name, polled_by=op.config.holder)
-    body = pipeline_task_body(spec, worker)
-    try:
-        check_object(body, "PipelineTask")
-        # The ack deadline is 2 minutes after the poll: keep a margin for the ack itself.
-        obj, created = _create_pipeline_task(op, body, started + op.config.scaled(60))
-    except (TaskError, ApiError) as exc:
-        # No PipelineTask, so no ledger: nobody else knows this attempt; report it here, once.
-        refused = exc if isinstance(exc, TaskError) else rejection(exc, "PipelineTask")
-        _report_without_ledger(op, worker, task.task_id, refused, f"attempt {task.attempt_id}")
-        return
-    entry, _ = op.index.upsert(TaskEntry.from_k8s(obj))
-    worker.capacity_changed()
-    if not created:
-        log.info(
-            "%s/%s: attempt %s polled again; nothing new created",
-            entry.namespace,
-            entry.name,
-            task.attempt_id,
-        )
-    if entry.terminal:
-        return
+class Dispatcher:
+    """Turns PollForTask answers into PipelineTasks, acks and Jobs."""
 
-    acked_at = _ack(op, worker, entry)
-    if acked_at is None and op.index.get(entry.key) is not None and op.index.get(entry.key).terminal:  # type: ignore[union-attr]
-        return  # canceled during the ack
+    def __init__(self, services: Services, reporter: Reporter, scheduler: HeartbeatScheduler) -> None:
+        self.services = services
+        self.reporter = reporter
+        self.scheduler = scheduler
 
-    try:
-        job_name = ensure_job(op, worker, entry, task, obj)
-    except TaskError as err:
-        fail_before_job(op, worker, entry, err)
-        return
-    op.index.update(
-        entry.key,
-        job_name=job_name,
-        job_since=time.monotonic(),
-        acknowledged=entry.acknowledged or acked_at is not None,
-        heartbeat_last_at=acked_at or entry.heartbeat_last_at,
-        heartbeat_seen=time.monotonic() if acked_at else entry.heartbeat_seen,
-    )
-    # Off the poller: the record is not needed to go on (a restarted operator finds the
-    # Job by name and one more ack is harmless), and it is a third of a dispatch's time.
-    op.submit(_record_dispatch, op, entry, obj, job_name, acked_at)
-    op.scheduler.schedule_new(entry)
-    op.metrics.dispatch_duration.observe(time.monotonic() - started)
-
-
-def _record_dispatch(
-    op: Operator, entry: TaskEntry, obj: Mapping[str, Any], job_name: str, acked_at: datetime | None
-) -> None:
-    try:
-        ledger.record_dispatch(op.kube, obj, job_name=job_name, acknowledged_at=acked_at, by=op.config.holder)
-    except (ApiError, ledger.LedgerConflictError) as exc:
-        log.warning("%s/%s: status write after dispatch failed: %s", entry.namespace, entry.name, exc)
-
-
-def _ack(op: Operator, worker: RunnerWorker, entry: TaskEntry) -> datetime | None:
-    """ReportTaskProgress now; None when it failed (the heartbeat loop retries at once)."""
-    try:
-        with op.metrics.timed("ReportTaskProgress"):
-            canceled = call_with_retry(
-                lambda: worker.client().report_task_progress(entry.task_id),
-                deadline=time.monotonic() + op.config.scaled(30),
-                retry_on=(Throttled, TransientError),
-                base=max(op.config.scaled(0.5), 0.01),
-                cap=max(op.config.scaled(5), 0.05),
-            )
-    except TaskGone as exc:
-        op.cancel(entry, "TaskGone", f"Data Pipeline no longer knows the task: {exc}")
-        return None
-    except DataPipelineError as exc:
-        log.warning("%s/%s: ack failed (%s); the heartbeat loop retries", entry.namespace, entry.name, exc)
-        return None
-    if canceled:
-        op.cancel(entry, "Canceled", "Data Pipeline canceled the task before it started")
-        return None
-    return datetime.now(UTC)
-
-
-def ensure_job(
-    op: Operator, worker: RunnerWorker, entry: TaskEntry, task: Task, owner: dict[str, Any]
-) -> str:
-    """Create the task's Job (409 AlreadyExists is success); raises TaskError for a task
-    that cannot run (nothing is created then)."""
-    runner = worker.runner.model_copy(deep=False)
-    runner.status = runner.status.model_copy(
-        update={"heartbeat_interval_seconds": worker.plan.interval_seconds}
-    )
-    job = render_job(
-        task,
-        runner,
-        sidecar_image=op.config.sidecar_image,
-        namespace=entry.namespace,
-        owner=owner,
-        service_account_name=op.config.sidecar_service_account,
-        sidecar_env=op.sidecar_env(),
-    )
-    name = str(job["metadata"]["name"])
-    deadline = time.monotonic() + op.config.scaled(30)
-    while True:
-        try:
-            with op.metrics.timed("CreateJob"):
-                op.kube.create(job_path(entry.namespace), job)
-            op.events.emit(
-                pipeline_task_ref(entry.namespace, entry.name, entry.uid),
-                "JobCreated",
-                f"Job {name} created for attempt {task.attempt_id} of pipeline {task.pipeline_id}",
-            )
-            return name
-        except Conflict as exc:
-            if exc.reason == "AlreadyExists":
-                return name
-            raise rejection(exc, "Job") from exc
-        except ApiError as exc:
-            if exc.status in _TRANSIENT and time.monotonic() < deadline:
+    def _create_pipeline_task(self, body: Mapping[str, Any], deadline: float) -> tuple[dict[str, Any], bool]:
+        ns = body["metadata"]["namespace"]
+        name = body["metadata"]["name"]
+        while True:
+            try:
+                with self.services.metrics.timed("CreatePipelineTask"):
+                    return self.services.kube.create(pipelinetask_path(ns), body), True
+            except Conflict as exc:
+                if exc.reason != "AlreadyExists":
+                    raise
+                return self.services.kube.get(pipelinetask_path(ns, name)), False
+            except ApiError as exc:
+                if exc.status not in _TRANSIENT or time.monotonic() > deadline:
+                    raise
                 time.sleep(0.2)
-                continue
-            if exc.status == 403 and "exceeded quota" in exc.message:
-                # The namespace is full: polling more would only fail more attempts.
-                worker.hold_polling(op.config.scaled(30), f"the namespace's quota refused a Job: {exc}")
-            raise rejection(exc, "Job") from exc
 
-
-def fail_before_job(op: Operator, worker: RunnerWorker, entry: TaskEntry, err: TaskError) -> None:
-    """A task that gets no Job (invalid, too large, or its Job refused): Events on the
-    PipelineTask and the TaskRunner, and FAILED through the ledger, once."""
-    reason = "JobRejected" if err.error_id.startswith("dptr.JobRejected.") else "InvalidTask"
-    ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
-    op.events.emit(ref, reason, f"{err.error_id}: {err.message}", "Warning")
-    op.events.emit(
-        task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid),
-        reason,
-        f"{entry.name}: {err.error_id}: {err.message}",
-        "Warning",
-    )
-    op.submit(op.report, entry, outcome_for_task_error(err), "no Job", False, reason == "JobRejected")
-
-
-def _report_unparseable(op: Operator, worker: RunnerWorker, raw: Mapping[str, Any], err: TaskError) -> None:
-    """A task that cannot even be parsed: record it if its ids allow, then report FAILED."""
-    runner_ref = task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid)
-    task_id = raw.get("taskId") if isinstance(raw, Mapping) else None
-    pipeline_id = raw.get("pipelineId") if isinstance(raw, Mapping) else None
-    attempt_id = raw.get("attemptId") if isinstance(raw, Mapping) else None
-    op.events.emit(runner_ref, "InvalidTask", f"{err.error_id}: {err.message}", "Warning")
-    if not isinstance(task_id, str) or not task_id:
-        log.error("%s/%s: polled a task without a taskId: %s", worker.namespace, worker.name, err)
-        return
-    if isinstance(pipeline_id, str) and pipeline_id and isinstance(attempt_id, str) and attempt_id:
+    def dispatch(
+        self, worker: RunnerWorker, raw: Mapping[str, Any], release: Callable[[], None] | None = None
+    ) -> None:
+        """Turn one PollForTask answer into a PipelineTask, an ack and a Job; ``release``
+        (the poller's slot) is called once it is done, whatever happened."""
         try:
-            spec = PipelineTaskSpec(
-                task_runner=worker.name,
-                task_id=task_id,
-                pipeline_id=pipeline_id[:1024],
-                attempt_id=attempt_id[:1024],
-                polled_by=op.config.holder,
-                polled_at=datetime.now(UTC).replace(microsecond=0),
-            )
-            obj, _ = _create_pipeline_task(op, pipeline_task_body(spec, worker), time.monotonic() + 5)
-            entry, _ = op.index.upsert(TaskEntry.from_k8s(obj))
-            if not entry.terminal:
-                op.submit(op.report, entry, outcome_for_task_error(err), "invalid task", False, False)
+            self._dispatch(worker, raw)
+        finally:
+            if release is not None:
+                release()
+
+    def _dispatch(self, worker: RunnerWorker, raw: Mapping[str, Any]) -> None:
+        started = time.monotonic()
+        runner_label = f"{worker.namespace}/{worker.name}"
+        self.services.metrics.tasks_polled.labels(runner_label).inc()
+        worker.counts.polled += 1
+        try:
+            task = parse_task(raw)
+        except TaskError as err:
+            self._report_unparseable(worker, raw, err)
             return
-        except (ApiError, ValueError) as exc:
-            log.warning("could not record the malformed task: %s", exc)
-    _report_without_ledger(op, worker, task_id, err, "a malformed task", event=False)
-
-
-def _report_without_ledger(
-    op: Operator, worker: RunnerWorker, task_id: str, err: TaskError, what: str, *, event: bool = True
-) -> None:
-    """FAILED for an attempt that has no PipelineTask (so no ledger): nobody else knows it,
-    so it is reported here, once, with retries; if that fails too, Data Pipeline times the
-    attempt out (its ack never came) and retries it as a new one."""
-    runner_ref = task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid)
-    if event:
-        op.events.emit(runner_ref, "TaskRejected", f"{what}: {err.error_id}: {err.message}", "Warning")
-    kwargs = outcome_for_task_error(err).set_task_status_kwargs(task_id)
-    try:
-        with op.metrics.timed("SetTaskStatus"):
-            call_with_retry(
-                lambda: worker.client().set_task_status(
-                    task_id, "FAILED", kwargs.get("errorId"), kwargs.get("errorMessage")
-                ),
-                deadline=time.monotonic() + op.config.scaled(60),
-                base=max(op.config.scaled(1.0), 0.05),
-                cap=max(op.config.scaled(10.0), 0.1),
+        spec = PipelineTaskSpec.from_task(
+            task, task_runner=worker.name, polled_by=self.services.config.holder
+        )
+        body = pipeline_task_body(spec, worker)
+        try:
+            check_object(body, "PipelineTask")
+            # The ack deadline is 2 minutes after the poll: keep a margin for the ack itself.
+            obj, created = self._create_pipeline_task(body, started + self.services.config.scaled(60))
+        except ApiError as exc:
+            if exc.status in _TRANSIENT:
+                self._not_recorded(worker, task.attempt_id, exc)
+                return
+            # No PipelineTask, so no ledger: nobody else knows this attempt; report it here, once.
+            self._report_without_ledger(
+                worker, task.task_id, rejection(exc, "PipelineTask"), f"attempt {task.attempt_id}"
             )
-    except DataPipelineError as exc:
-        log.error("%s/%s: could not report %s: %s", worker.namespace, worker.name, what, exc)
+            return
+        except TaskError as exc:
+            refused = exc
+            self._report_without_ledger(worker, task.task_id, refused, f"attempt {task.attempt_id}")
+            return
+        entry, _ = self.services.index.upsert(TaskEntry.from_k8s(obj))
+        worker.capacity_changed()
+        if not created:
+            log.info(
+                "%s/%s: attempt %s polled again; nothing new created",
+                entry.namespace,
+                entry.name,
+                task.attempt_id,
+            )
+        if entry.terminal:
+            return
+
+        acked_at = self._ack(worker, entry)
+        current = self.services.index.get(entry.key)
+        if acked_at is None and current is not None and current.terminal:
+            return  # canceled during the ack
+
+        try:
+            job_name = self.ensure_job(worker, entry, task, obj)
+        except TaskError as err:
+            self.fail_before_job(worker, entry, err)
+            return
+        except JobPending as exc:
+            # Acked and heartbeated meanwhile; the sweep creates the Job once the API
+            # server answers again (runtime: Jobs that were never created).
+            log.warning("%s/%s: %s", entry.namespace, entry.name, exc)
+            self.services.events.emit(
+                pipeline_task_ref(entry.namespace, entry.name, entry.uid), "JobPending", str(exc), "Warning"
+            )
+            self.services.index.update(entry.key, job_pending_since=time.monotonic())
+            self.scheduler.schedule_new(entry)
+            return
+        self.services.index.update(
+            entry.key,
+            job_name=job_name,
+            job_since=time.monotonic(),
+            acknowledged=entry.acknowledged or acked_at is not None,
+            heartbeat_last_at=acked_at or entry.heartbeat_last_at,
+            heartbeat_seen=time.monotonic() if acked_at else entry.heartbeat_seen,
+        )
+        # Off the poller: the record is not needed to go on (a restarted operator finds the
+        # Job by name and one more ack is harmless), and it is a third of a dispatch's time.
+        self.services.work.submit(
+            self._record_dispatch, entry=entry, obj=obj, job_name=job_name, acked_at=acked_at
+        )
+        self.scheduler.schedule_new(entry)
+        self.services.metrics.dispatch_duration.observe(time.monotonic() - started)
+
+    def _record_dispatch(
+        self, entry: TaskEntry, obj: Mapping[str, Any], job_name: str, acked_at: datetime | None
+    ) -> None:
+        try:
+            ledger.record_dispatch(
+                self.services.kube,
+                obj,
+                job_name=job_name,
+                acknowledged_at=acked_at,
+                by=self.services.config.holder,
+            )
+        except (ApiError, ledger.LedgerConflictError) as exc:
+            log.warning("%s/%s: status write after dispatch failed: %s", entry.namespace, entry.name, exc)
+
+    def _ack(self, worker: RunnerWorker, entry: TaskEntry) -> datetime | None:
+        """ReportTaskProgress now; None when it failed (the heartbeat loop retries at once)."""
+        try:
+            with self.services.metrics.timed("ReportTaskProgress"):
+                canceled = call_with_retry(
+                    lambda: worker.client().report_task_progress(entry.task_id),
+                    deadline=time.monotonic() + self.services.config.scaled(30),
+                    retry_on=(Throttled, TransientError),
+                    base=max(self.services.config.scaled(0.5), 0.01),
+                    cap=max(self.services.config.scaled(5), 0.05),
+                )
+        except TaskGone as exc:
+            self.reporter.cancel(
+                entry, reason="TaskGone", message=f"Data Pipeline no longer knows the task: {exc}"
+            )
+            return None
+        except DataPipelineError as exc:
+            log.warning(
+                "%s/%s: ack failed (%s); the heartbeat loop retries", entry.namespace, entry.name, exc
+            )
+            return None
+        if canceled:
+            self.reporter.cancel(
+                entry, reason="Canceled", message="Data Pipeline canceled the task before it started"
+            )
+            return None
+        return datetime.now(UTC)
+
+    def ensure_job(self, worker: RunnerWorker, entry: TaskEntry, task: Task, owner: dict[str, Any]) -> str:
+        """Create the task's Job (409 AlreadyExists is success); raises TaskError for a task
+        that cannot run (nothing is created then), JobPending while the API server does not
+        answer."""
+        runner = worker.runner.model_copy(deep=False)
+        runner.status = runner.status.model_copy(
+            update={"heartbeat_interval_seconds": worker.plan.interval_seconds}
+        )
+        job = render_job(
+            task,
+            runner,
+            sidecar_image=self.services.config.sidecar_image,
+            namespace=entry.namespace,
+            owner=owner,
+            service_account_name=self.services.config.sidecar_service_account,
+            sidecar_env=self.services.config.sidecar_container_env,
+        )
+        name = str(job["metadata"]["name"])
+        deadline = time.monotonic() + self.services.config.scaled(30)
+        while True:
+            try:
+                with self.services.metrics.timed("CreateJob"):
+                    self.services.kube.create(job_path(entry.namespace), job)
+                self.services.events.emit(
+                    pipeline_task_ref(entry.namespace, entry.name, entry.uid),
+                    "JobCreated",
+                    f"Job {name} created for attempt {task.attempt_id} of pipeline {task.pipeline_id}",
+                )
+                return name
+            except Conflict as exc:
+                if exc.reason == "AlreadyExists":
+                    return name
+                raise rejection(exc, "Job") from exc
+            except ApiError as exc:
+                if exc.status in _TRANSIENT and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                if exc.status in _TRANSIENT:
+                    # An outage, not a refusal: the task has its PipelineTask and its
+                    # heartbeats, so it can wait for the API server rather than fail.
+                    raise JobPending(
+                        f"the API server did not answer for the Job ({exc}); it is created later"
+                    ) from exc
+                if exc.status == 403 and "exceeded quota" in exc.message:
+                    # The namespace is full: polling more would only fail more attempts.
+                    worker.hold_polling(
+                        self.services.config.scaled(30), f"the namespace's quota refused a Job: {exc}"
+                    )
+                raise rejection(exc, "Job") from exc
+
+    def _not_recorded(self, worker: RunnerWorker, attempt_id: str, exc: ApiError) -> None:
+        """The API server did not answer for the PipelineTask within the ack window: an
+        outage, not a refusal.  Nothing is reported (no ledger to report through, and the
+        attempt never started): unacknowledged, Data Pipeline gives it to a runner again
+        after its ack window.  Had the create landed after all, the PipelineTask's watch
+        event brings it back into the index, and the sweep creates its Job."""
+        log.warning("%s/%s: attempt %s not recorded: %s", worker.namespace, worker.name, attempt_id, exc)
+        self.services.events.emit(
+            task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid),
+            "TaskNotRecorded",
+            f"attempt {attempt_id}: the API server did not answer ({exc}); Data Pipeline gives "
+            "the attempt again after its ack window",
+            "Warning",
+        )
+
+    def fail_before_job(self, worker: RunnerWorker, entry: TaskEntry, err: TaskError) -> None:
+        """A task that gets no Job (invalid, too large, or its Job refused): Events on the
+        PipelineTask and the TaskRunner, and FAILED through the ledger, once."""
+        entry.job_pending_since = None  # no Job is coming: its outcome is
+        reason = "JobRejected" if err.error_id.startswith("dptr.JobRejected.") else "InvalidTask"
+        ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
+        self.services.events.emit(ref, reason, f"{err.error_id}: {err.message}", "Warning")
+        self.services.events.emit(
+            task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid),
+            reason,
+            f"{entry.name}: {err.error_id}: {err.message}",
+            "Warning",
+        )
+        self.services.work.submit(
+            self.reporter.report,
+            key=("report", entry.key),
+            entry=entry,
+            outcome=outcome_for_task_error(err),
+            cause="no Job",
+            probe=reason == "JobRejected",
+        )
+
+    def _report_unparseable(self, worker: RunnerWorker, raw: Mapping[str, Any], err: TaskError) -> None:
+        """A task that cannot even be parsed: record it if its ids allow, then report FAILED."""
+        runner_ref = task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid)
+        task_id = raw.get("taskId") if isinstance(raw, Mapping) else None
+        pipeline_id = raw.get("pipelineId") if isinstance(raw, Mapping) else None
+        attempt_id = raw.get("attemptId") if isinstance(raw, Mapping) else None
+        self.services.events.emit(runner_ref, "InvalidTask", f"{err.error_id}: {err.message}", "Warning")
+        if not isinstance(task_id, str) or not task_id:
+            log.error("%s/%s: polled a task without a taskId: %s", worker.namespace, worker.name, err)
+            return
+        if isinstance(pipeline_id, str) and pipeline_id and isinstance(attempt_id, str) and attempt_id:
+            try:
+                spec = PipelineTaskSpec(
+                    task_runner=worker.name,
+                    task_id=task_id,
+                    pipeline_id=pipeline_id[:1024],
+                    attempt_id=attempt_id[:1024],
+                    polled_by=self.services.config.holder,
+                    polled_at=datetime.now(UTC).replace(microsecond=0),
+                )
+                obj, _ = self._create_pipeline_task(pipeline_task_body(spec, worker), time.monotonic() + 5)
+                entry, _ = self.services.index.upsert(TaskEntry.from_k8s(obj))
+                if not entry.terminal:
+                    self.services.work.submit(
+                        self.reporter.report,
+                        key=("report", entry.key),
+                        entry=entry,
+                        outcome=outcome_for_task_error(err),
+                        cause="invalid task",
+                        probe=False,
+                    )
+                return
+            except (ApiError, ValueError) as exc:
+                log.warning("could not record the malformed task: %s", exc)
+        self._report_without_ledger(worker, task_id, err, "a malformed task", event=False)
+
+    def _report_without_ledger(
+        self, worker: RunnerWorker, task_id: str, err: TaskError, what: str, *, event: bool = True
+    ) -> None:
+        """FAILED for an attempt that has no PipelineTask (so no ledger): nobody else knows it,
+        so it is reported here, once, with retries; if that fails too, Data Pipeline times the
+        attempt out (its ack never came) and retries it as a new one."""
+        runner_ref = task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid)
+        if event:
+            self.services.events.emit(
+                runner_ref, "TaskRejected", f"{what}: {err.error_id}: {err.message}", "Warning"
+            )
+        kwargs = outcome_for_task_error(err).set_task_status_kwargs(task_id)
+        try:
+            with self.services.metrics.timed("SetTaskStatus"):
+                call_with_retry(
+                    lambda: worker.client().set_task_status(
+                        task_id, "FAILED", kwargs.get("errorId"), kwargs.get("errorMessage")
+                    ),
+                    deadline=time.monotonic() + self.services.config.scaled(60),
+                    base=max(self.services.config.scaled(1.0), 0.05),
+                    cap=max(self.services.config.scaled(10.0), 0.1),
+                )
+        except DataPipelineError as exc:
+            log.error("%s/%s: could not report %s: %s", worker.namespace, worker.name, what, exc)

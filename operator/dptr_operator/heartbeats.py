@@ -26,17 +26,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from dptr_common import ledger
 from dptr_common.datapipeline import CredentialsError, DataPipelineError, TaskGone
-from dptr_common.kube import ApiError, NotFound
+from dptr_common.kube import ApiError, NotFound, pipelinetask_path
 from dptr_common.pacing import DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS, full_jitter_delay, jittered
 from dptr_operator.events import pipeline_task_ref
 from dptr_operator.index import TaskEntry, TaskKey
-
-if TYPE_CHECKING:
-    from dptr_operator.runtime import Operator
+from dptr_operator.reporter import Reporter
+from dptr_operator.runners import Runners
+from dptr_operator.services import Services
 
 __all__ = ["HeartbeatScheduler", "TokenBucket", "sidecar_stale_after"]
 
@@ -87,15 +87,17 @@ def sidecar_stale_after(interval: float) -> float:
 
 
 class HeartbeatScheduler:
-    def __init__(self, op: Operator) -> None:
-        self.op = op
+    def __init__(self, services: Services, runners: Runners, reporter: Reporter) -> None:
+        self.services = services
+        self.runners = runners
+        self.reporter = reporter
         self._heap: list[tuple[float, int, TaskKey | _Drain]] = []
         self._scheduled: dict[TaskKey, float] = {}
         self._seq = itertools.count()
         self._head_seq = itertools.count(-1, -1)
         self._cv = threading.Condition()
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(op.config.heartbeat_workers, thread_name_prefix="heartbeat")
+        self._pool = ThreadPoolExecutor(services.config.heartbeat_workers, thread_name_prefix="heartbeat")
         self._buckets: dict[TaskKey, TokenBucket] = {}
         self._failures: dict[TaskKey, int] = {}
         #: Per runner: due tasks waiting for a token, as a heap of (deadline, seq, key):
@@ -133,7 +135,7 @@ class HeartbeatScheduler:
 
     def schedule_new(self, entry: TaskEntry) -> None:
         """A task seen for the first time (dispatch or rebuild): first check spread evenly."""
-        interval = self.op.interval_for(entry)
+        interval = self.runners.interval_for(entry)
         if not entry.acknowledged:
             self.schedule(entry.key, 0)
             return
@@ -201,7 +203,7 @@ class HeartbeatScheduler:
         if entry.heartbeat_last_at is None or not entry.acknowledged:
             return 0.0
         timeout = float(entry.report_progress_timeout or DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS)
-        return entry.heartbeat_last_at.timestamp() + self.op.config.scaled(timeout)
+        return entry.heartbeat_last_at.timestamp() + self.services.config.scaled(timeout)
 
     def _wait_for_token(self, entry: TaskEntry, wait: float, *, head: bool) -> None:
         runner_key = entry.runner_key
@@ -219,14 +221,14 @@ class HeartbeatScheduler:
 
     def _check(self, key: TaskKey, now: float, *, waited: bool = False) -> bool:
         """Heartbeat a due task if its runner has a token; False when it has to wait for one."""
-        entry = self.op.index.get(key)
+        entry = self.services.index.get(key)
         if entry is None or entry.terminal:
             self._failures.pop(key, None)
             return True
-        if not self.op.leading:
+        if not self.services.leading.is_set():
             self.schedule(key, 1.0)
             return True
-        interval = self.op.interval_for(entry)
+        interval = self.runners.interval_for(entry)
         if entry.heartbeat_owner == "sidecar" and entry.heartbeat_last_at is not None:
             age = _seen_age(entry)
             stale = sidecar_stale_after(interval)
@@ -243,14 +245,14 @@ class HeartbeatScheduler:
             return False
         if entry.heartbeat_last_at is not None and entry.acknowledged:
             late = (datetime.now(UTC) - entry.heartbeat_last_at).total_seconds() - interval
-            self.op.metrics.heartbeat_lag.observe(max(late, 0.0))
+            self.services.metrics.heartbeat_lag.observe(max(late, 0.0))
         self._pool.submit(self._beat, key)
         return True
 
     def _bucket(self, entry: TaskEntry) -> TokenBucket:
-        worker = self.op.worker_for(entry)
+        worker = self.runners.worker_for(entry)
         budget = worker.spec.heartbeat.budget_per_second if worker is not None else 8.0
-        rate = budget / self.op.config.time_scale
+        rate = budget / self.services.config.time_scale
         bucket = self._buckets.get(entry.runner_key)
         if bucket is None:
             bucket = self._buckets[entry.runner_key] = TokenBucket(rate, max(rate, 1.0))
@@ -261,64 +263,81 @@ class HeartbeatScheduler:
     # ------------------------------------------------------------------ one heartbeat
 
     def _beat(self, key: TaskKey) -> None:
-        entry = self.op.index.get(key)
+        entry = self.services.index.get(key)
         if entry is None or entry.terminal or entry.busy:
             if entry is not None and entry.busy:
-                self.schedule(key, self.op.interval_for(entry) / 4)
+                self.schedule(key, self.runners.interval_for(entry) / 4)
             return
-        worker = self.op.worker_for(entry)
-        interval = self.op.interval_for(entry)
+        worker = self.runners.worker_for(entry)
+        interval = self.runners.interval_for(entry)
         if worker is None:
             self.schedule(key, min(interval, 1.0))
             return
         took_over = entry.heartbeat_owner == "sidecar"
         try:
-            with self.op.metrics.timed("ReportTaskProgress"):
+            with self.services.metrics.timed("ReportTaskProgress"):
                 canceled = worker.client().report_task_progress(entry.task_id)
         except TaskGone as exc:
-            self.op.metrics.heartbeats.labels("gone").inc()
-            self.op.cancel(entry, "TaskGone", f"Data Pipeline no longer knows the task: {exc}")
+            self.services.metrics.heartbeats.labels("gone").inc()
+            self.reporter.cancel(
+                entry, reason="TaskGone", message=f"Data Pipeline no longer knows the task: {exc}"
+            )
             return
         except DataPipelineError as exc:
-            self.op.metrics.heartbeats.labels(exc.reason).inc()
+            self.services.metrics.heartbeats.labels(exc.reason).inc()
             if isinstance(exc, CredentialsError):
                 worker.refresh_credentials()
             failures = self._failures.get(key, 0)
             self._failures[key] = failures + 1
-            retry = full_jitter_delay(failures, base=max(self.op.config.scaled(2.0), 0.02), cap=interval / 2)
+            retry = full_jitter_delay(
+                failures, base=max(self.services.config.scaled(2.0), 0.02), cap=interval / 2
+            )
             log.info(
                 "%s/%s: heartbeat failed (%s); retrying in %.2fs", entry.namespace, entry.name, exc, retry
             )
-            self.op.status_writer.put(key, ledger.heartbeat_status(error=str(exc)[:500]))
+            self.services.status_writer.put(key, ledger.heartbeat_status(error=str(exc)[:500]))
             self.schedule(key, max(retry, 0.01))
             return
         self._failures.pop(key, None)
-        self.op.metrics.heartbeats.labels("ok").inc()
+        self.services.metrics.heartbeats.labels("ok").inc()
         if canceled:
-            self.op.cancel(entry, "Canceled", "Data Pipeline canceled the task")
+            self.reporter.cancel(entry, reason="Canceled", message="Data Pipeline canceled the task")
             return
         now = datetime.now(UTC)
         try:
             if took_over:
                 ledger.take_over_heartbeats(
-                    self.op.kube, entry.namespace, entry.name, owner="operator", by=self.op.config.holder
+                    self.services.kube,
+                    entry.namespace,
+                    entry.name,
+                    owner="operator",
+                    by=self.services.config.holder,
                 )
-                self.op.events.emit(
+                self.services.events.emit(
                     pipeline_task_ref(entry.namespace, entry.name, entry.uid),
                     "HeartbeatsResumed",
                     "the sidecar's heartbeats went stale; the operator heartbeats the task again",
                     "Warning",
                 )
             else:
-                self.op.status_writer.put(key, ledger.heartbeat_status(by=self.op.config.holder, at=now))
+                self.services.status_writer.put(
+                    key, ledger.heartbeat_status(by=self.services.config.holder, at=now)
+                )
             if not entry.acknowledged:
-                self.op.mark_acknowledged(entry, now)
+                self._mark_acknowledged(entry, now)
         except NotFound:
-            self.op.index.remove(key)
+            self.services.index.remove(key)
             return
         except ApiError as exc:
             log.warning("%s/%s: recording the heartbeat failed: %s", entry.namespace, entry.name, exc)
-        self.op.index.update(
+        self.services.index.update(
             key, heartbeat_last_at=now, heartbeat_seen=time.monotonic(), heartbeat_owner="operator"
         )
         self.schedule(key, jittered(interval, fraction=0.1))
+
+    def _mark_acknowledged(self, entry: TaskEntry, when: datetime) -> None:
+        self.services.kube.patch(
+            pipelinetask_path(entry.namespace, entry.name, "status"),
+            {"status": {"acknowledgedAt": ledger.format_time(when)}},
+        )
+        self.services.index.update(entry.key, acknowledged=True)

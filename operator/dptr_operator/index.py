@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -72,11 +72,16 @@ class TaskEntry:
     #: pod of it: a Job with no pod past a grace was refused its pods (not persisted).
     job_since: float | None = None
     pod_seen: bool = False
+    #: Since when (monotonic) the task is known to have no Job that this process is
+    #: creating: an outage during its dispatch, a restart, a PipelineTask whose create
+    #: failed but landed.  The sweep creates the Job a grace later (not persisted).
+    job_pending_since: float | None = None
     #: The operator finished what follows an outcome (finalizer, TTL; not persisted).
     settled: bool = False
     #: A deletion of a canceled task's leftover Job was requested (not persisted).
     stopping: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: The task's end was counted in the metrics and its runner's counts (not persisted).
+    counted: bool = False
 
     @property
     def key(self) -> TaskKey:

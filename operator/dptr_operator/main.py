@@ -95,6 +95,10 @@ def build_registry(op: Operator, config: OperatorConfig) -> kopf.OperatorRegistr
         configure(kwargs["settings"], config)
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
+    # The event handlers below are coroutines in kopf's one event loop, shared by every
+    # watch: the Operator methods they call only read and update the index and hand
+    # work to the work pool (keyed where it repeats).  Nothing here may block on the
+    # Kubernetes API or Data Pipeline: one slow call would stall every watch at once.
     @kopf.on.event(GROUP, VERSION, TASK_RUNNER_PLURAL, registry=registry)
     async def task_runner_event(**kwargs: Any) -> None:
         op.on_runner_event(kwargs["event"].get("type"), kwargs["body"])

@@ -4,42 +4,26 @@ The sidecar reports how the task container ended.  The operator reports only whe
 sidecar cannot have: the pod was evicted, never got scheduled or never pulled its image
 within a grace, the Job's activeDeadlineSeconds (attemptTimeout) passed, or the pod (or
 its node) vanished.  The assessment here is pure (dicts in, :class:`Assessment` out); the
-reporting goes through :func:`report_outcome` and the ledger, so the sidecar and the
+reporting goes through ``reporter.Reporter`` and the ledger, so the sidecar and the
 operator never both report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from dptr_common import ledger
-from dptr_common.datapipeline import (
-    DataPipelineClient,
-    DataPipelineError,
-    InvalidRequest,
-    TaskGone,
-    call_with_retry,
-)
 from dptr_common.errors import (
     ContainerTermination,
     Outcome,
     outcome_for_pod_failure,
     outcome_for_termination,
 )
-from dptr_common.kube import ApiError, NotFound, job_path
 from dptr_common.render import TASK_CONTAINER
-from dptr_operator.events import pipeline_task_ref
-from dptr_operator.index import TaskEntry
 
-if TYPE_CHECKING:
-    from dptr_operator.runtime import Operator
-
-__all__ = ["Assessment", "assess_job", "assess_pod", "cancel_task", "report_outcome"]
+__all__ = ["PROBLEM_RANK", "Assessment", "assess_job", "assess_pod", "assess_refused_pods"]
 
 log = logging.getLogger(__name__)
 
@@ -224,211 +208,3 @@ def assess_refused_pods(job_name: str, message: str | None, grace: float) -> Ass
         ),
         message,
     )
-
-
-# --------------------------------------------------------------------------- actions
-
-
-def delete_job(op: Operator, entry: TaskEntry) -> None:
-    """Delete the task's Job and, with it, its pods (Background propagation)."""
-    name = entry.job_name or entry.name
-    with contextlib.suppress(NotFound):
-        op.kube.delete(job_path(entry.namespace, name), propagation_policy="Background")
-
-
-def cancel_task(
-    op: Operator, entry: TaskEntry, reason: str, message: str, *, over_own_claim: bool = False
-) -> None:
-    """Data Pipeline canceled the task (or forgot it): record Canceled, then delete the Job,
-    and never call SetTaskStatus.
-
-    In that order: a crash between the two leaves a Canceled task with a live Job, which
-    the next operator finishes (``on_job_event``); the other order would leave a deleted
-    Job and an open attempt whose fallback reports FAILED after the cancel.  A cancel the
-    ledger refuses (a report is already claimed) deletes nothing: the claim's outcome
-    stands and its holder may still need the pod."""
-    try:
-        recorded = ledger.mark_canceled(
-            op.kube,
-            entry.namespace,
-            entry.name,
-            by=op.config.holder,
-            reason=reason,
-            message=message,
-            over_own_claim=over_own_claim,
-        )
-    except NotFound:
-        op.index.remove(entry.key)
-        return
-    if not recorded:
-        return
-    op.index.update(entry.key, canceled=True, phase="Canceled")
-    try:
-        delete_job(op, entry)
-    except ApiError as exc:
-        log.warning("%s/%s: deleting the Job for a cancel failed: %s", entry.namespace, entry.name, exc)
-    op.events.emit(pipeline_task_ref(entry.namespace, entry.name, entry.uid), "Canceled", message)
-    op.task_finished(entry, "Canceled")
-
-
-class FinalityUnknown(Exception):  # noqa: N818 - reads as what it is
-    """Data Pipeline could not say whether the attempt already has its final status."""
-
-
-def _already_final(op: Operator, dp: DataPipelineClient, entry: TaskEntry, deadline: float) -> bool:
-    """Whether Data Pipeline already has a final status for the attempt (after a restart
-    between SetTaskStatus and recording it).  Retried until ``deadline``; when it cannot
-    be answered, raises :class:`FinalityUnknown`: guessing "no" could report twice."""
-    try:
-        return call_with_retry(
-            lambda: dp.attempt_is_final(entry.pipeline_id, entry.attempt_id),
-            deadline=deadline,
-            base=max(op.config.scaled(1.0), 0.05),
-            cap=max(op.config.scaled(30.0), 0.5),
-        )
-    except DataPipelineError as exc:
-        raise FinalityUnknown(str(exc)) from exc
-
-
-def report_outcome(
-    op: Operator,
-    entry: TaskEntry,
-    outcome: Outcome,
-    *,
-    cause: str,
-    stop_job: bool = False,
-    probe: bool = True,
-) -> bool:
-    """The operator's fallback SetTaskStatus, through the ledger.  Returns True when this
-    call reported (or found it reported), False when someone else holds the outcome.
-
-    1. claim the report on the PipelineTask (optimistic write), first: whoever claims
-       first names the outcome, and a sidecar racing a deletion must lose;
-    2. probe: a ReportTaskProgress; a task Data Pipeline canceled is canceled, not
-       failed (SetTaskStatus after a cancel is a protocol violation): the cancel is
-       recorded over our own claim;
-    3. stop the Job if asked (a pod that never started must not start later);
-    4. SetTaskStatus, retried until shortly before the claim would go stale;
-    5. mark it reported.
-    """
-    worker = op.worker_for(entry)
-    if worker is None:
-        log.warning("%s/%s: no TaskRunner to report with", entry.namespace, entry.name)
-        return False
-    dp = worker.client()
-    if cause in ("pod problem Ended", "pod problem Lost") and entry.job_name:
-        # A pod stopped by the Job controller for activeDeadlineSeconds is a deadline,
-        # whichever event arrived first.
-        try:
-            deadline_check = assess_job(op.kube.get(job_path(entry.namespace, entry.job_name)))
-            if deadline_check.problem == "Deadline" and deadline_check.outcome is not None:
-                outcome = deadline_check.outcome
-        except ApiError:
-            pass
-    if outcome.status == "FINISHED" and entry.staged_outputs:
-        # Only the sidecar uploads staged outputs, and it did not confirm them: reporting
-        # FINISHED here would tell downstream activities data is there when it may not be.
-        outcome = Outcome(
-            "FAILED",
-            "dptr.StagingFailed.Incomplete",
-            "the task exited 0, but its staged outputs were not confirmed uploaded by the sidecar",
-        )
-    stale_after = op.config.scaled(op.config.claim_stale_after_seconds)
-    try:
-        claim = ledger.claim_report(
-            op.kube,
-            entry.namespace,
-            entry.name,
-            holder=op.config.holder,
-            status=outcome.status,
-            error_id=outcome.error_id,
-            error_message=outcome.error_message,
-            stale_after=stale_after,
-        )
-    except NotFound:
-        op.index.remove(entry.key)
-        return False
-    if claim is None:
-        return False
-    if probe:
-        try:
-            if dp.report_task_progress(entry.task_id):
-                cancel_task(op, entry, "Canceled", "Data Pipeline canceled the task", over_own_claim=True)
-                return False
-        except TaskGone as exc:
-            cancel_task(
-                op, entry, "TaskGone", f"Data Pipeline no longer knows the task: {exc}", over_own_claim=True
-            )
-            return False
-        except DataPipelineError as exc:
-            log.info("%s/%s: probe before reporting failed: %s", entry.namespace, entry.name, exc)
-    if stop_job:
-        try:
-            delete_job(op, entry)
-        except ApiError as exc:
-            log.warning("%s/%s: could not delete the Job: %s", entry.namespace, entry.name, exc)
-    # A claim we resumed (after our own restart) or took over from a holder that went
-    # silent (a sidecar killed between SetTaskStatus and mark_reported) may already have
-    # been reported: ask Data Pipeline before calling SetTaskStatus a second time.
-    maybe_reported = claim.resumed or claim.taken_over_from is not None
-    deadline = time.monotonic() + max(stale_after * 0.5, 1.0)
-    try:
-        reported_already = maybe_reported and _already_final(op, dp, entry, deadline)
-    except FinalityUnknown as exc:
-        # Not reporting blind: the claim stays ours, heartbeats go on, and the sweep asks
-        # again after the next grace (docs/operator.md).
-        log.warning(
-            "%s/%s: cannot tell whether the attempt was already reported (%s); asking again later",
-            entry.namespace,
-            entry.name,
-            exc,
-        )
-        op.events.emit(
-            pipeline_task_ref(entry.namespace, entry.name, entry.uid),
-            "ReportDeferred",
-            f"Data Pipeline could not say whether the attempt already has its outcome ({exc}); "
-            "the report waits until it can",
-            "Warning",
-        )
-        return False
-    if not reported_already:
-        kwargs = Outcome(claim.status, claim.error_id, claim.error_message).set_task_status_kwargs(
-            entry.task_id
-        )
-        try:
-            with op.metrics.timed("SetTaskStatus"):
-                call_with_retry(
-                    lambda: dp.set_task_status(
-                        entry.task_id,
-                        claim.status,
-                        kwargs.get("errorId"),
-                        kwargs.get("errorMessage"),
-                    ),
-                    deadline=deadline,
-                    base=max(op.config.scaled(1.0), 0.05),
-                    cap=max(op.config.scaled(30.0), 0.5),
-                )
-        except TaskGone as exc:
-            log.warning("%s/%s: SetTaskStatus: the task is gone (%s)", entry.namespace, entry.name, exc)
-        except InvalidRequest as exc:
-            if not maybe_reported:
-                raise
-            log.warning(
-                "%s/%s: SetTaskStatus refused after a restart or takeover: %s",
-                entry.namespace,
-                entry.name,
-                exc,
-            )
-    message = f"{cause}: {claim.status}" + (f" {claim.error_id}" if claim.error_id else "")
-    ledger.mark_reported(op.kube, entry.namespace, entry.name, claim=claim, message=claim.error_message)
-    phase = ledger.FINAL_PHASE[claim.status]
-    op.index.update(entry.key, reported=True, phase=phase)
-    ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
-    op.events.emit(
-        ref, "Reported", f"the operator reported {message}", "Warning" if phase == "Failed" else "Normal"
-    )
-    op.metrics.fallback_reports.labels(
-        f"{entry.namespace}/{entry.runner}", claim.error_id or claim.status
-    ).inc()
-    op.task_finished(entry, phase)
-    return True

@@ -21,9 +21,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
 from dptr_common.datapipeline import (
@@ -40,14 +41,17 @@ from dptr_common.kube import ApiError, ApiUnavailable, NotFound, namespaced_path
 from dptr_common.models import TaskRunner
 from dptr_common.pacing import Backoff, HeartbeatPlan, heartbeat_interval, jittered
 from dptr_operator.events import task_runner_ref
+from dptr_operator.services import Services
 from dptr_operator.tenancy import Refusal
 
-if TYPE_CHECKING:
-    from dptr_operator.runtime import Operator
-
-__all__ = ["RunnerWorker", "conditions_for"]
+__all__ = ["Dispatch", "RunnerWorker", "StatusRequest", "conditions_for"]
 
 log = logging.getLogger(__name__)
+
+#: Hands a polled task on: (worker, PollForTask's taskObject, release its slot).
+Dispatch = Callable[["RunnerWorker", Mapping[str, Any], Callable[[], None]], None]
+#: Asks for the runner's status to be written.
+StatusRequest = Callable[["RunnerWorker"], None]
 
 
 @dataclass
@@ -111,10 +115,22 @@ def conditions_for(
 
 
 class RunnerWorker:
-    """Polls one TaskRunner's worker group and owns its Data Pipeline client."""
+    """Polls one TaskRunner's worker group and owns its Data Pipeline client.
 
-    def __init__(self, op: Operator, runner: TaskRunner) -> None:
-        self.op = op
+    ``dispatch`` is handed each polled task (it calls ``release`` when its slot may go);
+    ``request_status`` asks for the runner's status to be written at the next sweep."""
+
+    def __init__(
+        self,
+        services: Services,
+        runner: TaskRunner,
+        *,
+        dispatch: Dispatch,
+        request_status: StatusRequest,
+    ) -> None:
+        self.services = services
+        self._dispatch = dispatch
+        self._request_status = request_status
         self.namespace = str(runner.metadata.namespace)
         self.name = runner.metadata.name
         self.key = (self.namespace, self.name)
@@ -170,19 +186,19 @@ class RunnerWorker:
         """Check the TaskRunner against the administrator's tenancy settings (recording why
         it may not poll, with an Event when that changes) and fill in the administrator's
         default endpoints: the runner as the worker uses it."""
-        config = self.op.config
+        config = self.services.config
         refusal = config.tenancy.check(runner)
         previous, self.health.refusal = self.health.refusal, refusal
         if refusal != previous:
             ref = task_runner_ref(self.namespace, self.name, runner.metadata.uid)
             if refusal is not None:
                 log.warning("%s/%s: %s", self.namespace, self.name, refusal.message)
-                self.op.events.emit(ref, refusal.reason, refusal.message, "Warning")
+                self.services.events.emit(ref, refusal.reason, refusal.message, "Warning")
             elif previous is not None:
-                self.op.events.emit(
+                self.services.events.emit(
                     ref, "Permitted", f"the TaskRunner may poll again (was {previous.reason})"
                 )
-            self.op.request_status(self)
+            self._request_status(self)
         defaults: dict[str, Any] = {}
         if runner.spec.endpoint_url is None and config.default_endpoint_url:
             defaults["endpoint_url"] = config.default_endpoint_url
@@ -267,7 +283,7 @@ class RunnerWorker:
             return None
         ref = creds.secret_ref
         try:
-            secret = self.op.kube.get(namespaced_path("api/v1", "secrets", self.namespace, ref.name))
+            secret = self.services.kube.get(namespaced_path("api/v1", "secrets", self.namespace, ref.name))
         except NotFound as exc:
             raise CredentialsError(f"Secret {self.namespace}/{ref.name} does not exist") from exc
         except ApiError as exc:
@@ -292,7 +308,7 @@ class RunnerWorker:
             or self.health.terminated
             or self.health.refusal is not None
             or time.monotonic() < self._held_until
-            or not self.op.leading
+            or not self.services.leading.is_set()
         )
 
     def hold_polling(self, seconds: float, why: str) -> None:
@@ -302,7 +318,7 @@ class RunnerWorker:
             return
         self._held_until = until
         log.warning("%s/%s: polling held for %.1fs: %s", self.namespace, self.name, seconds, why)
-        self.op.events.emit(
+        self.services.events.emit(
             task_runner_ref(self.namespace, self.name, self.runner.metadata.uid),
             "PollingHeld",
             f"polling paused for {seconds:.0f}s: {why}",
@@ -310,7 +326,7 @@ class RunnerWorker:
         )
 
     def active(self) -> int:
-        return self.op.index.active_count(self.key)
+        return self.services.index.active_count(self.key)
 
     def _reserve(self) -> bool:
         """Take a slot for one poll (True), or wait a little for one (False)."""
@@ -333,7 +349,9 @@ class RunnerWorker:
     # ------------------------------------------------------------------ polling
 
     def _poll_loop(self, index: int) -> None:
-        backoff = Backoff(base=self.op.config.scaled(2.0) + 0.05, cap=max(self.op.config.scaled(60.0), 1.0))
+        backoff = Backoff(
+            base=self.services.config.scaled(2.0) + 0.05, cap=max(self.services.config.scaled(60.0), 1.0)
+        )
         while not self._stop.is_set():
             if index >= self.spec.pollers:
                 return
@@ -346,7 +364,7 @@ class RunnerWorker:
                 self._set_degraded(None)
                 if task is not None:
                     dispatched = True
-                    self.op.dispatch(self, task, release=self.release)
+                    self._dispatch(self, task, self.release)
             except (Throttled, TransientError) as exc:
                 delay = backoff.next_delay()
                 log.info(
@@ -357,10 +375,10 @@ class RunnerWorker:
                 if isinstance(exc, CredentialsError):
                     self.refresh_credentials()
                 self._set_degraded(exc.reason, str(exc))
-                self._stop.wait(max(backoff.next_delay(), self.op.config.scaled(5.0)))
+                self._stop.wait(max(backoff.next_delay(), self.services.config.scaled(5.0)))
             except DataPipelineError as exc:
                 self._set_degraded(exc.reason, str(exc))
-                self._stop.wait(max(backoff.next_delay(), self.op.config.scaled(5.0)))
+                self._stop.wait(max(backoff.next_delay(), self.services.config.scaled(5.0)))
             except Exception:
                 log.exception("%s/%s: poller %d failed", self.namespace, self.name, index)
                 self._stop.wait(1.0)
@@ -372,13 +390,13 @@ class RunnerWorker:
         """Poll only what can be recorded: while the API server does not answer, a polled
         task cannot become a PipelineTask, and Data Pipeline would give it to someone else
         once its ack window passed.  After a failed call, one GET must answer first."""
-        kube = self.op.kube
+        kube = self.services.kube
         if kube.unreachable_since is None:
             return True
         try:
             kube.get(taskrunner_path(self.namespace, self.name), timeout=5)
         except ApiUnavailable:
-            self._stop.wait(max(self.op.config.scaled(2.0), 0.5))
+            self._stop.wait(max(self.services.config.scaled(2.0), 0.5))
             return False
         except ApiError:
             pass  # it answered
@@ -389,11 +407,11 @@ class RunnerWorker:
         start = time.monotonic()
         result = "error"
         try:
-            task = client.poll_for_task(self.spec.worker_group, self.op.config.identity)
+            task = client.poll_for_task(self.spec.worker_group, self.services.config.identity)
             result = "task" if task else "empty"
             return task
         finally:
-            self.op.metrics.poll_duration.labels(f"{self.namespace}/{self.name}", result).observe(
+            self.services.metrics.poll_duration.labels(f"{self.namespace}/{self.name}", result).observe(
                 time.monotonic() - start
             )
             if result != "error":
@@ -409,24 +427,24 @@ class RunnerWorker:
         self.health.degraded_message = message
         ref = task_runner_ref(self.namespace, self.name, self.runner.metadata.uid)
         if reason is not None and reason != previous:
-            self.op.events.emit(ref, "Degraded", f"{reason}: {message}", "Warning")
+            self.services.events.emit(ref, "Degraded", f"{reason}: {message}", "Warning")
         elif reason is None and previous is not None:
-            self.op.events.emit(ref, "Recovered", f"polling works again (was {previous})")
-        self.op.request_status(self)
+            self.services.events.emit(ref, "Recovered", f"polling works again (was {previous})")
+        self._request_status(self)
 
     def _runner_heartbeat_loop(self) -> None:
-        period = self.op.config.scaled(self.op.config.runner_heartbeat_seconds)
+        period = self.services.config.scaled(self.services.config.runner_heartbeat_seconds)
         while not self._stop.is_set():
             wait = period
-            if self.op.leading and not self.deleting and self.health.refusal is None:
+            if self.services.leading.is_set() and not self.deleting and self.health.refusal is None:
                 try:
                     terminate = self.client().report_task_runner_heartbeat(
-                        self.taskrunner_id, self.spec.worker_group, self.op.config.identity
+                        self.taskrunner_id, self.spec.worker_group, self.services.config.identity
                     )
                     self._set_terminated(terminate)
                 except DataPipelineError as exc:
                     log.warning("%s/%s: ReportTaskRunnerHeartbeat: %s", self.namespace, self.name, exc)
-                    wait = min(period, max(self.op.config.scaled(30.0), 1.0))
+                    wait = min(period, max(self.services.config.scaled(30.0), 1.0))
                 except Exception:
                     log.exception("%s/%s: ReportTaskRunnerHeartbeat failed", self.namespace, self.name)
                     wait = min(period, 5.0)
@@ -444,14 +462,14 @@ class RunnerWorker:
         self.health.terminated = terminate
         ref = task_runner_ref(self.namespace, self.name, self.runner.metadata.uid)
         if terminate:
-            self.op.events.emit(
+            self.services.events.emit(
                 ref, "Terminated", "Data Pipeline asked this runner to terminate; polling stopped", "Warning"
             )
         else:
-            self.op.events.emit(ref, "Resumed", "Data Pipeline no longer asks this runner to terminate")
+            self.services.events.emit(ref, "Resumed", "Data Pipeline no longer asks this runner to terminate")
         with self._lock:
             self._wake.notify_all()
-        self.op.request_status(self)
+        self._request_status(self)
 
     # ------------------------------------------------------------------ status
 
@@ -497,7 +515,7 @@ class RunnerWorker:
         if self.last_poll_time is not None:
             body["lastPollTime"] = self.last_poll_time.strftime("%Y-%m-%dT%H:%M:%SZ")
         try:
-            self.op.kube.patch(taskrunner_path(self.namespace, self.name, "status"), {"status": body})
+            self.services.kube.patch(taskrunner_path(self.namespace, self.name, "status"), {"status": body})
         except NotFound:
             return
         except ApiError as exc:

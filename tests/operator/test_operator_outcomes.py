@@ -148,6 +148,136 @@ def policy(cluster: Cluster) -> Iterator[Callable[[str, str], None]]:
         )
 
 
+@pytest.fixture
+def outage(cluster: Cluster) -> Iterator[Callable[[str, str], Callable[[], None]]]:
+    """An API server that cannot answer for CREATE of ``resource`` in the test's namespace:
+    a validating webhook (failurePolicy Fail) at a loopback port nobody listens on, so
+    the API server answers 500 "failed calling webhook", as it does when any webhook it
+    depends on is down.  Returns a function that ends the outage."""
+    made: list[str] = []
+
+    def begin(group: str, resource: str) -> Callable[[], None]:
+        name = f"outage-{resource}-{uuid.uuid4().hex[:6]}"
+        made.append(name)
+        webhook = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [
+                {
+                    "name": f"{name}.dptr.test",
+                    "clientConfig": {"url": "https://127.0.0.1:1/down"},
+                    "rules": [
+                        {
+                            "apiGroups": [group],
+                            "apiVersions": ["*"],
+                            "operations": ["CREATE"],
+                            "resources": [resource],
+                        }
+                    ],
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}},
+                    "failurePolicy": "Fail",
+                    "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                    "timeoutSeconds": 2,
+                }
+            ],
+        }
+        cluster.testbed.kubectl("apply", "-f", "-", input=json.dumps(webhook))
+        probe = PROBES[resource] | {"metadata": {"name": "probe", "namespace": cluster.namespace}}
+
+        def dry_run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    "kubectl",
+                    "--kubeconfig",
+                    str(cluster.testbed.kubeconfig),
+                    "create",
+                    "--dry-run=server",
+                    "-f",
+                    "-",
+                ],
+                input=json.dumps(probe),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+
+        wait_for(
+            lambda: "failed calling webhook" in dry_run().stderr,
+            timeout=30,
+            interval=0.2,
+            what=f"the outage for {resource}",
+        )
+
+        def end() -> None:
+            cluster.testbed.kubectl("delete", "validatingwebhookconfiguration", name, check=False)
+            wait_for(
+                lambda: dry_run().returncode == 0, timeout=30, interval=0.2, what=f"{resource} served again"
+            )
+
+        return end
+
+    yield begin
+    for name in made:
+        cluster.testbed.kubectl("delete", "validatingwebhookconfiguration", name, check=False)
+
+
+# --------------------------------------------------------------------------- API outages
+
+
+def test_an_outage_while_recording_the_task_fails_nothing(
+    cluster: Cluster,
+    datapipeline: LocalDataPipeline,
+    operator_factory: Callable[..., OperatorProcess],
+    outage: Callable[[str, str], Callable[[], None]],
+) -> None:
+    """No PipelineTask can be written: an outage, not a refusal.  The attempt is left
+    unacknowledged (Data Pipeline gives it again after its ack window) rather than
+    reported FAILED, which would cost the activity a retry for the cluster's trouble."""
+    end = outage("dptr.dev", "pipelinetasks")
+    operator_factory(*QUIET_GRACES).start()
+    cluster.create_runner(datapipeline, "wg-outage-pt", maxConcurrentTasks=1)
+    datapipeline.run_pipeline({"Echo": activity(maximumRetries="3")}, worker_group="wg-outage-pt")
+    wait_for(lambda: cluster.events("TaskNotRecorded"), timeout=30, what="a TaskNotRecorded Event")
+    end()
+    # Given again (ack window: 2 minutes, 1.2 s here), it is recorded and gets its Job.
+    wait_for(cluster.jobs, timeout=60, what="the Job once the API server answers")
+    assert set_task_status_calls(datapipeline) == 0, datapipeline.ledger.calls_to("SetTaskStatus")
+    assert [r.reassigned for r in datapipeline.ledger.attempts.values() if r.reassigned] != []
+
+
+def test_an_outage_while_creating_the_job_fails_nothing(
+    cluster: Cluster,
+    datapipeline: LocalDataPipeline,
+    operator_factory: Callable[..., OperatorProcess],
+    outage: Callable[[str, str], Callable[[], None]],
+) -> None:
+    """The PipelineTask exists, the Job cannot be created yet: the task is acked and
+    heartbeated, and the sweep creates the Job once the API server answers."""
+    end = outage("batch", "jobs")
+    operator_factory(*QUIET_GRACES, "--pod-create-grace-seconds", "100").start()  # 1 s
+    cluster.create_runner(datapipeline, "wg-outage-job")
+    datapipeline.run_pipeline({"Echo": activity()}, worker_group="wg-outage-job")
+    wait_for(lambda: cluster.events("JobPending"), timeout=30, what="a JobPending Event")
+    time.sleep(2)  # several sweeps with the outage on: none fails the task
+    assert set_task_status_calls(datapipeline) == 0
+    end()
+    job = wait_for(cluster.jobs, timeout=30, what="the Job once the API server answers")[0]
+    task = wait_for(
+        lambda: (
+            (task_named(cluster, "Echo") or {}).get("status", {}).get("jobName")
+            and task_named(cluster, "Echo")
+        ),
+        timeout=30,
+        what="jobName recorded",
+    )
+    assert task["status"]["jobName"] == job["metadata"]["name"]
+    record = next(iter(datapipeline.ledger.attempts.values()))
+    assert record.outcome is None and record.progress_calls >= 1, record
+    assert set_task_status_calls(datapipeline) == 0
+
+
 # --------------------------------------------------------------------------- refused Jobs
 
 

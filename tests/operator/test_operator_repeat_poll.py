@@ -8,9 +8,7 @@ from op_helpers import Cluster
 from dptr_common.kube import KubeClient
 from dptr_common.models import TaskRunner
 from dptr_datapipeline import LocalDataPipeline
-from dptr_operator import dispatch
 from dptr_operator.config import OperatorConfig
-from dptr_operator.polling import RunnerWorker
 from dptr_operator.runtime import Operator
 from dptr_testbed.waiting import wait_for
 
@@ -30,17 +28,17 @@ def test_same_attempt_dispatched_twice_makes_one_pipelinetask_and_one_job(
         OperatorConfig(namespaces=[cluster.namespace], time_scale=0.01, identity="in-process"),
         KubeClient.from_kubeconfig(cluster.testbed.kubeconfig),
     )
-    op.leading = True
+    op.services.leading.set()
     client = datapipeline.client()
     try:
-        worker = RunnerWorker(op, TaskRunner.from_k8s(cluster.runner()))
+        worker, _ = op.runners.upsert(TaskRunner.from_k8s(cluster.runner()))
         raw = wait_for(
             lambda: client.poll_for_task(workerGroup="wg-repeat", hostname="test").get("taskObject"),
             timeout=20,
             what="a task",
         )
-        dispatch.dispatch(op, worker, raw)
-        dispatch.dispatch(op, worker, raw)
+        op.dispatcher.dispatch(worker, raw)
+        op.dispatcher.dispatch(worker, raw)
         assert len(cluster.tasks()) == 1
         assert len(cluster.jobs()) == 1
         assert cluster.tasks()[0]["status"]["jobName"] == cluster.jobs()[0]["metadata"]["name"]

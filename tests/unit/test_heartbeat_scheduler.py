@@ -8,13 +8,17 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+from dptr_operator.config import OperatorConfig
 from dptr_operator.heartbeats import HeartbeatScheduler
 from dptr_operator.index import TaskEntry, TaskIndex, TaskKey
+from dptr_operator.metrics import Metrics
+from dptr_operator.services import Services
+from dptr_operator.workpool import WorkPool
 
 
 class _RecordingScheduler(HeartbeatScheduler):
-    def __init__(self, op: Any) -> None:
-        super().__init__(op)
+    def __init__(self, parts: SimpleNamespace) -> None:
+        super().__init__(parts.services, parts.runners, parts.reporter)
         self.beats: list[TaskKey] = []
         self.checks = 0
         self.waited: set[TaskKey] = set()
@@ -39,15 +43,23 @@ class _RecordingScheduler(HeartbeatScheduler):
 
 
 def _operator(budget: float) -> Any:
+    """The scheduler's real collaborators where they need no cluster (config, index,
+    metrics, leadership); the runners stand-in answers the two questions the scheduler
+    asks of them, and the decisions under test never reach the API, Data Pipeline, or the
+    reporter."""
     worker = SimpleNamespace(spec=SimpleNamespace(heartbeat=SimpleNamespace(budget_per_second=budget)))
-    return SimpleNamespace(
+    services = Services(
+        config=OperatorConfig(namespaces=["ns"], time_scale=1.0, heartbeat_workers=2),
+        kube=None,  # type: ignore[arg-type]
         index=TaskIndex(),
-        leading=True,
-        config=SimpleNamespace(time_scale=1.0, heartbeat_workers=2, scaled=lambda seconds: seconds),
-        interval_for=lambda entry: 60.0,
-        worker_for=lambda entry: worker,
-        metrics=SimpleNamespace(heartbeat_lag=SimpleNamespace(observe=lambda value: None)),
+        metrics=Metrics(),
+        events=None,  # type: ignore[arg-type]
+        status_writer=None,  # type: ignore[arg-type]
+        work=WorkPool(1),
     )
+    services.leading.set()
+    runners = SimpleNamespace(interval_for=lambda entry: 60.0, worker_for=lambda entry: worker)
+    return SimpleNamespace(services=services, runners=runners, reporter=None, index=services.index)
 
 
 def run(scheduler: _RecordingScheduler, beats: int) -> None:

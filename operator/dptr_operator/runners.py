@@ -1,0 +1,94 @@
+"""The TaskRunners this operator serves: their workers by key, the heartbeat interval
+each task gets from its runner's plan, and which runners' statuses are due a write."""
+
+from __future__ import annotations
+
+import threading
+
+from dptr_common.models import TaskRunner
+from dptr_common.pacing import HeartbeatPlan, heartbeat_interval
+from dptr_operator.index import TaskEntry, TaskKey
+from dptr_operator.polling import Dispatch, RunnerWorker
+from dptr_operator.services import Services
+
+__all__ = ["Runners"]
+
+
+class Runners:
+    def __init__(self, services: Services, *, dispatch: Dispatch) -> None:
+        self.services = services
+        self._dispatch = dispatch
+        self._workers: dict[TaskKey, RunnerWorker] = {}
+        self._lock = threading.RLock()
+        self._status_due: set[TaskKey] = set()
+
+    # ------------------------------------------------------------------ workers
+
+    def get(self, key: TaskKey) -> RunnerWorker | None:
+        with self._lock:
+            return self._workers.get(key)
+
+    def worker_for(self, entry: TaskEntry) -> RunnerWorker | None:
+        return self.get(entry.runner_key)
+
+    def all(self) -> list[RunnerWorker]:
+        with self._lock:
+            return list(self._workers.values())
+
+    def upsert(self, runner: TaskRunner) -> tuple[RunnerWorker, bool]:
+        """The worker for a TaskRunner seen (created on first sight: True), updated."""
+        key = (str(runner.metadata.namespace), runner.metadata.name)
+        with self._lock:
+            worker = self._workers.get(key)
+            if worker is not None:
+                worker.update(runner)
+                return worker, False
+            worker = self._workers[key] = RunnerWorker(
+                self.services, runner, dispatch=self._dispatch, request_status=self.request_status
+            )
+        worker.plan = self.plan(worker)
+        self.request_status(worker)
+        return worker, True
+
+    def remove(self, key: TaskKey) -> RunnerWorker | None:
+        with self._lock:
+            return self._workers.pop(key, None)
+
+    def stop_all(self) -> None:
+        for worker in self.all():
+            worker.stop()
+
+    # ------------------------------------------------------------------ pacing
+
+    def plan(self, worker: RunnerWorker) -> HeartbeatPlan:
+        """The runner's heartbeat plan for the tasks it has now."""
+        index = self.services.index
+        entries = [index.get(k) for k in index.active_keys(worker.key)]
+        timeouts = [e.report_progress_timeout for e in entries if e is not None and e.report_progress_timeout]
+        hb = worker.spec.heartbeat
+        return heartbeat_interval(
+            len(entries), hb.budget_per_second, hb.base_interval_seconds, min(timeouts) if timeouts else None
+        )
+
+    def interval_for(self, entry: TaskEntry) -> float:
+        """The real-time heartbeat interval for a task: its runner's plan, capped by a third
+        of the task's own reportProgressTimeout."""
+        worker = self.worker_for(entry)
+        interval = float(worker.plan.interval_seconds if worker else 60)
+        if entry.report_progress_timeout:
+            interval = min(interval, max(entry.report_progress_timeout / 3, 1.0))
+        return max(self.services.config.scaled(interval), 0.02)
+
+    # ------------------------------------------------------------------ status
+
+    def request_status(self, worker: RunnerWorker) -> None:
+        """Write this runner's status at the next sweep."""
+        with self._lock:
+            self._status_due.add(worker.key)
+
+    def take_status_request(self, key: TaskKey) -> bool:
+        with self._lock:
+            if key in self._status_due:
+                self._status_due.discard(key)
+                return True
+            return False
