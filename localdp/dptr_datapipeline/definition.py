@@ -24,6 +24,16 @@ DEFAULT_OBJECT_ID = "Default"
 
 _EXPRESSION = re.compile(r"#\{([^{}]*)\}")
 _SIMPLE_PATH = re.compile(r"^\s*(@?[A-Za-z_][\w]*(?:\.@?[A-Za-z_][\w]*)*)\s*$")
+# This period parser deliberately duplicates dptr_common.task.parse_period and must
+# stay independent of it (this package imports nothing of the product's). This service
+# is the test oracle standing in for AWS: it reads reportProgressTimeout (and
+# retryDelay, preconditionTimeout) itself to decide when an attempt has timed out or
+# may be retried, and the tests check dptr (which parses reportProgressTimeout too)
+# against what it decided.
+# Were both to share one parser, a bug in it (a wrong unit, a misread plural) would
+# move the deadline on both sides alike and no test could see it. The two also differ
+# on purpose: dptr refuses zero and periods over 366 days (its own limits, see
+# MAX_PERIOD_SECONDS), whereas this parser models only what the service accepts.
 _DURATION = re.compile(
     r"^\s*(\d+)\s*(second|minute|hour|day|week|month|year)s?\s*$",
     re.IGNORECASE,

@@ -7,8 +7,9 @@ real node runs is assembled locally:
    --variant=minbase`` into a directory, then ``podman import``;
 2. the pause image (``localhost/dptr-pause:3.10``): a small static Go program
    in a ``FROM scratch`` image, the CRI sandbox image;
-3. the project's own Dockerfiles (operator/Dockerfile, sidecar/Dockerfile),
-   built with ``podman build`` on that base (the ``BASE_IMAGE`` build arg);
+3. the project's own images, the ``operator`` and ``sidecar`` targets of the
+   repository's Dockerfile, built with ``podman build`` on that base (the
+   ``BASE_IMAGE`` build arg);
 4. each image saved once to an archive that ``ctr -n k8s.io images import``
    loads into the node's containerd.
 
@@ -91,17 +92,23 @@ class ImageBuildError(RuntimeError):
     """An image could not be assembled; the message says which step failed."""
 
 
+#: Both project images come from this one Dockerfile (a target each), relative to the
+#: repository root, which is the build context.
+DOCKERFILE = "Dockerfile"
+
+
 @dataclass(frozen=True)
 class ProjectImage:
-    """One of the project's own images and the Dockerfile it comes from."""
+    """One of the project's own images and the Dockerfile target it is built from."""
 
     tag: str
-    dockerfile: str  # relative to the repository root, which is the build context
+    target: str  # a stage of DOCKERFILE
+    dockerfile: str = DOCKERFILE
 
 
 PROJECT_IMAGES = (
-    ProjectImage(OPERATOR_IMAGE, "operator/Dockerfile"),
-    ProjectImage(SIDECAR_IMAGE, "sidecar/Dockerfile"),
+    ProjectImage(OPERATOR_IMAGE, "operator"),
+    ProjectImage(SIDECAR_IMAGE, "sidecar"),
 )
 
 
@@ -136,9 +143,9 @@ def repo_root() -> Path:
     """The repository root: the build context of the project's Dockerfiles."""
     here = Path(__file__).resolve()
     for parent in here.parents:
-        if (parent / "pyproject.toml").exists() and (parent / "sidecar" / "Dockerfile").exists():
+        if (parent / "pyproject.toml").exists() and (parent / DOCKERFILE).exists():
             return parent
-    raise ImageBuildError(f"cannot find the repository root (with sidecar/Dockerfile) above {here}")
+    raise ImageBuildError(f"cannot find the repository root (with {DOCKERFILE}) above {here}")
 
 
 # ---- Debian mirror ---------------------------------------------------------
@@ -354,7 +361,18 @@ def build_project_image(image: ProjectImage, ca_bundle: Path | None) -> str:
     root = repo_root()
     started = time.monotonic()
     _run(
-        [podman, "build", *build_args(ca_bundle), "-f", image.dockerfile, "-t", image.tag, "."],
+        [
+            podman,
+            "build",
+            *build_args(ca_bundle),
+            "-f",
+            image.dockerfile,
+            "--target",
+            image.target,
+            "-t",
+            image.tag,
+            ".",
+        ],
         f"podman build of {image.tag}",
         cwd=root,
     )
@@ -457,12 +475,15 @@ CHECKS = (
     ),
     Check(SIDECAR_IMAGE, ("python", "-c", "import kopf"), 1, "No module named 'kopf'"),
     Check(SIDECAR_IMAGE, ("python", "-c", "import kubernetes"), 1, "No module named 'kubernetes'"),
+    # The operator has its code, kopf and prometheus_client, and no Kubernetes client
+    # (kopf logs in with dptr's own client config; the package is the test bed's).
     Check(
         OPERATOR_IMAGE,
-        ("python", "-c", "import dptr_operator, kopf, kubernetes, prometheus_client; print('ok')"),
+        ("python", "-c", "import dptr_operator, dptr_common, kopf, prometheus_client; print('ok')"),
         0,
         "ok",
     ),
+    Check(OPERATOR_IMAGE, ("python", "-c", "import kubernetes"), 1, "No module named 'kubernetes'"),
     # Exit codes pass through.
     Check(SIDECAR_IMAGE, ("python", "-c", "raise SystemExit(7)"), 7),
     # The entry points run (with nothing but the image's own packages).
