@@ -15,9 +15,10 @@ PipelineTask the API server refuses (``dptr.PipelineTaskRejected.*``, reported d
 there is no ledger to go through), a Job it refuses (``dptr.JobRejected.*``, through the
 ledger), a task too large for either (``dptr.InvalidTask.TooLarge.*``).  An API server
 that does not answer (connection refused, 5xx, 429 past the retries) is an outage, not a
-refusal, and fails nothing: without a PipelineTask the attempt is left unacknowledged
-for Data Pipeline to give again (a ``TaskNotRecorded`` Event); with one, the task is
-heartbeated and its Job created by the sweep once the API server is back (``JobPending``).
+refusal: without a PipelineTask the attempt is left unacknowledged for Data Pipeline to
+give again, to this runner or another of the worker group (a ``TaskNotRecorded`` Event);
+with one, the task is heartbeated and the sweep keeps trying to create its Job
+(``JobPending``) for the pod create grace, then ends it ``dptr.JobRejected.Unavailable``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ _TRANSIENT = (0, 429, 500, 502, 503, 504)
 
 class JobPending(Exception):  # noqa: N818 - a state, not a failure
     """The API server did not answer while the Job was being created."""
+
+    def __init__(self, message: str, error: ApiError) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class Dispatcher:
@@ -303,7 +308,7 @@ class Dispatcher:
                     # An outage, not a refusal: the task has its PipelineTask and its
                     # heartbeats, so it can wait for the API server rather than fail.
                     raise JobPending(
-                        f"the API server did not answer for the Job ({exc}); it is created later"
+                        f"the API server did not answer for the Job ({exc}); it is created later", exc
                     ) from exc
                 if exc.status == 403 and "exceeded quota" in exc.message:
                     # The namespace is full: polling more would only fail more attempts.
@@ -330,7 +335,7 @@ class Dispatcher:
     def fail_before_job(self, worker: RunnerWorker, entry: TaskEntry, err: TaskError) -> None:
         """A task that gets no Job (invalid, too large, or its Job refused): Events on the
         PipelineTask and the TaskRunner, and FAILED through the ledger, once."""
-        entry.job_pending_since = None  # no Job is coming: its outcome is
+        entry.job_pending_since = None  # no Job is coming: the report below is the outcome
         reason = "JobRejected" if err.error_id.startswith("dptr.JobRejected.") else "InvalidTask"
         ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
         self.services.events.emit(ref, reason, f"{err.error_id}: {err.message}", "Warning")
@@ -342,7 +347,7 @@ class Dispatcher:
         )
         self.services.work.submit(
             self.reporter.report,
-            key=("report", entry.key),
+            key=("report", entry.key, "no Job"),
             entry=entry,
             outcome=outcome_for_task_error(err),
             cause="no Job",
@@ -374,7 +379,7 @@ class Dispatcher:
                 if not entry.terminal:
                     self.services.work.submit(
                         self.reporter.report,
-                        key=("report", entry.key),
+                        key=("report", entry.key, "invalid task"),
                         entry=entry,
                         outcome=outcome_for_task_error(err),
                         cause="invalid task",

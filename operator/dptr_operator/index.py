@@ -76,6 +76,7 @@ class TaskEntry:
     #: creating: an outage during its dispatch, a restart, a PipelineTask whose create
     #: failed but landed.  The sweep creates the Job a grace later (not persisted).
     job_pending_since: float | None = None
+    job_checked: float | None = None
     #: The operator finished what follows an outcome (finalizer, TTL; not persisted).
     settled: bool = False
     #: A deletion of a canceled task's leftover Job was requested (not persisted).

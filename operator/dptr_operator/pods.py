@@ -109,7 +109,7 @@ class PodTracker:
     def _submit_report(self, entry: TaskEntry, outcome: Outcome, *, cause: str, stop_job: bool) -> None:
         self.services.work.submit(
             self.reporter.report,
-            key=("report", entry.key),
+            key=("report", entry.key, cause),
             entry=entry,
             outcome=outcome,
             cause=cause,

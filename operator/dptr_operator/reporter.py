@@ -216,6 +216,10 @@ class Reporter:
                 "Warning",
             )
             return False
+        if delivery.status in ("refused", "failed", "gone"):
+            # deliver() answers instead of raising: count what metrics.timed would have.
+            reason = str(getattr(delivery.error, "reason", "") or delivery.status)
+            self.services.metrics.api_errors.labels("SetTaskStatus", reason).inc()
         if delivery.status in ("refused", "failed"):
             # The claim stays ours: the sweep tries again after the problem's next grace.
             log.error(

@@ -30,7 +30,7 @@ from dptr_common.kube import (
 from dptr_common.models import PipelineTask, TaskRunner
 from dptr_operator import history, outcomes
 from dptr_operator.config import OperatorConfig
-from dptr_operator.dispatch import Dispatcher
+from dptr_operator.dispatch import Dispatcher, JobPending, rejection
 from dptr_operator.events import EventRecorder, task_runner_ref
 from dptr_operator.finalizers import remove_finalizer
 from dptr_operator.health import HealthState
@@ -279,15 +279,23 @@ class Operator:
             if not entry.terminal and not entry.job_name and not entry.busy:
                 self._ensure_job(entry=entry, worker=worker)
 
-    def _ensure_job(self, entry: TaskEntry, worker: RunnerWorker | None = None) -> None:
+    def _ensure_job(
+        self, entry: TaskEntry, worker: RunnerWorker | None = None, *, give_up: bool = False
+    ) -> None:
         """Create the Job of a recorded task that has none: after a restart, an API outage
         during its dispatch (``JobPending``), or a PipelineTask whose create was answered
-        with an error but landed."""
+        with an error but landed.  With ``give_up`` (the pod create grace has passed) an
+        API server that still does not answer ends the attempt FAILED
+        ``dptr.JobRejected.Unavailable``: no attempt is heartbeated without a Job forever."""
         worker = worker or self.runners.worker_for(entry)
-        if worker is None or entry.terminal or entry.job_name:
+        # A claimed report (ours being made, or one from before a restart) is the outcome
+        # already: a Job now would run an attempt that is being reported.
+        if worker is None or entry.terminal or entry.job_name or entry.busy or entry.report_claimed_by:
             return
         try:
             obj = self.kube.get(pipelinetask_path(entry.namespace, entry.name))
+            if ((obj.get("status") or {}).get("report") or {}).get("claimedBy"):
+                return
             task = PipelineTask.from_k8s(obj).spec.to_task()
             name = self.dispatcher.ensure_job(worker, entry, task, obj)
         except NotFound:
@@ -295,8 +303,17 @@ class Operator:
         except TaskError as exc:  # refused, or cannot run: FAILED once
             self.dispatcher.fail_before_job(worker, entry, exc)
             return
-        except Exception as exc:  # JobPending, or the API server still away: the sweep retries
-            log.warning("%s/%s: could not create the Job: %s", entry.namespace, entry.name, exc)
+        except (JobPending, ApiError) as exc:  # the API server still away
+            if give_up:
+                error = exc.error if isinstance(exc, JobPending) else exc
+                self.dispatcher.fail_before_job(worker, entry, rejection(error, "Job"))
+            else:
+                log.warning("%s/%s: could not create the Job yet: %s", entry.namespace, entry.name, exc)
+            return
+        if entry.terminal or entry.busy:
+            # Reported (or being reported) while the create was in flight: no attempt for it.
+            with contextlib.suppress(ApiError):
+                self.reporter.delete_job(entry)
             return
         self.pods.patch_status(entry, {"jobName": name})
         self.index.update(entry.key, job_name=name, job_since=time.monotonic(), job_pending_since=None)
@@ -378,14 +395,19 @@ class Operator:
             if self.runners.take_status_request(worker.key) or worker.last_poll_time is not None:
                 self._work.submit(worker.publish_status, key=("runner-status", worker.key))
         self.pods.sweep(now)
-        # Recorded tasks known to have no Job, a grace later (see TaskEntry.job_pending_since).
+        # Recorded tasks known to have no Job (TaskEntry.job_pending_since): tried five
+        # times over the pod create grace, then ended if the API server still cannot.
         grace = self.config.scaled(self.config.pod_create_grace_seconds)
         for entry in self.index:
             since = entry.job_pending_since
-            if since is None or entry.terminal or entry.busy or entry.job_name or now - since < grace:
+            if since is None or entry.terminal or entry.busy or entry.job_name:
                 continue
-            entry.job_pending_since = now  # looked at again after another grace
-            self._work.submit(self._ensure_job, key=("ensure-job", entry.key), entry=entry)
+            if now - (entry.job_checked or since) < grace / 5:
+                continue
+            entry.job_checked = now
+            self._work.submit(
+                self._ensure_job, key=("ensure-job", entry.key), entry=entry, give_up=now - since >= grace
+            )
         # History limits, every few sweeps.
         if now - self._last_history >= max(self.config.scaled(30), 1.0):
             self._last_history = now

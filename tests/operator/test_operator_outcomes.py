@@ -256,11 +256,11 @@ def test_an_outage_while_creating_the_job_fails_nothing(
     """The PipelineTask exists, the Job cannot be created yet: the task is acked and
     heartbeated, and the sweep creates the Job once the API server answers."""
     end = outage("batch", "jobs")
-    operator_factory(*QUIET_GRACES, "--pod-create-grace-seconds", "100").start()  # 1 s
+    operator_factory(*QUIET_GRACES, "--pod-create-grace-seconds", "1000").start()  # 10 s
     cluster.create_runner(datapipeline, "wg-outage-job")
     datapipeline.run_pipeline({"Echo": activity()}, worker_group="wg-outage-job")
     wait_for(lambda: cluster.events("JobPending"), timeout=30, what="a JobPending Event")
-    time.sleep(2)  # several sweeps with the outage on: none fails the task
+    time.sleep(3)  # sweeps that retry with the outage on: none fails the task
     assert set_task_status_calls(datapipeline) == 0
     end()
     job = wait_for(cluster.jobs, timeout=30, what="the Job once the API server answers")[0]
@@ -276,6 +276,27 @@ def test_an_outage_while_creating_the_job_fails_nothing(
     record = next(iter(datapipeline.ledger.attempts.values()))
     assert record.outcome is None and record.progress_calls >= 1, record
     assert set_task_status_calls(datapipeline) == 0
+
+
+def test_an_outage_that_outlasts_the_pod_create_grace_ends_the_attempt(
+    cluster: Cluster,
+    datapipeline: LocalDataPipeline,
+    operator_factory: Callable[..., OperatorProcess],
+    outage: Callable[[str, str], Callable[[], None]],
+) -> None:
+    """An API server that never answers for the Job (a webhook it depends on stays down):
+    the attempt is not heartbeated without a Job past the pod create grace, it ends
+    FAILED once, naming the cause."""
+    outage("batch", "jobs")
+    operator_factory(*QUIET_GRACES, "--pod-create-grace-seconds", "300").start()  # 3 s
+    cluster.create_runner(datapipeline, "wg-outage-long")
+    datapipeline.run_pipeline({"Echo": activity()}, worker_group="wg-outage-long")
+    record = outcomes(datapipeline, "Echo")["Echo"]
+    assert (record.outcome, record.error_id) == ("FAILED", "dptr.JobRejected.Unavailable"), record
+    assert "failed calling webhook" in (record.error_message or ""), record
+    assert cluster.events("JobPending") and cluster.events("JobRejected")
+    assert set_task_status_calls(datapipeline) == 1
+    datapipeline.assert_clean()
 
 
 # --------------------------------------------------------------------------- refused Jobs
