@@ -23,16 +23,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dptr_common.awsauth import AssumedRole
-from dptr_common.datapipeline import DataPipelineClient, DataPipelineError
+from dptr_common.datapipeline import DataPipelineClient, DataPipelineError, call_with_retry
 from dptr_common.errors import Outcome, TaskError, error_id
 from dptr_common.render_staging import PLAN_DIR
 from dptr_common.staging_plan import STAGING_ROOT, StagedNode, StagingPlan, data_node_location
 
+from .config import time_scale_from_env
 from .s3 import S3Client, S3Error, S3Uri, parse_s3_uri
 from .safefs import SharedVolume, UnsafeFile
 
@@ -70,8 +72,14 @@ def _staging_error(exc: S3Error, what: str) -> TaskError:
 # --------------------------------------------------------------------------- plan
 
 
-def resolve_plan(plan: StagingPlan, client: Any) -> StagingPlan:
-    """Fill in data nodes PollForTask did not include, with one DescribeObjects call.
+#: How long stage-in retries a DescribeObjects that failed transiently (throttling, 5xx,
+#: no connection), protocol seconds: a transient error must not fail an attempt.
+RESOLVE_RETRY_BUDGET = 60.0
+
+
+def resolve_plan(plan: StagingPlan, client: Any, *, budget: float = RESOLVE_RETRY_BUDGET) -> StagingPlan:
+    """Fill in data nodes PollForTask did not include, with one DescribeObjects call
+    (retried for ``budget`` real seconds while it fails transiently).
 
     ``client`` is a :class:`dptr_common.datapipeline.DataPipelineClient` (or anything
     with its ``describe_objects(pipeline_id, ids, evaluate_expressions=True)``).
@@ -82,7 +90,15 @@ def resolve_plan(plan: StagingPlan, client: Any) -> StagingPlan:
     if not missing:
         return plan
     try:
-        described = client.describe_objects(plan.pipeline_id, missing, evaluate_expressions=True)
+        described = call_with_retry(
+            lambda: client.describe_objects(plan.pipeline_id, missing, evaluate_expressions=True),
+            deadline=time.monotonic() + budget,
+            base=max(budget / 60, 0.01),
+            cap=max(budget / 6, 0.05),
+            on_retry=lambda error, wait: _stderr_log(
+                f"dptr stage-in: DescribeObjects: {error}; retrying in {wait:.2f}s"
+            ),
+        )
     except DataPipelineError as exc:
         raise TaskError(
             error_id("StagingFailed", "DescribeObjects", exc.reason),
@@ -384,7 +400,7 @@ def stage_in_main(argv: list[str] | None = None, env: Mapping[str, str] | None =
         if plan.unresolved:
             client = _dp_client_from_env(env)
             try:
-                plan = resolve_plan(plan, client)
+                plan = resolve_plan(plan, client, budget=RESOLVE_RETRY_BUDGET * time_scale_from_env(env))
             finally:
                 client.close()
         with _s3_from_env(env) as s3:
