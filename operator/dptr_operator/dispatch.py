@@ -23,6 +23,7 @@ with one, the task is heartbeated and the sweep keeps trying to create its Job
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,8 +34,8 @@ from dptr_common import ledger, naming
 from dptr_common.bounds import check_object
 from dptr_common.datapipeline import DataPipelineError, TaskGone, Throttled, TransientError, call_with_retry
 from dptr_common.errors import TaskError, outcome_for_task_error
-from dptr_common.kube import ApiError, Conflict, job_path, pipelinetask_path
-from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTaskSpec
+from dptr_common.kube import ApiError, Conflict, NotFound, job_path, pipelinetask_path
+from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTask, PipelineTaskSpec
 from dptr_common.render import render_job
 from dptr_common.task import Task, parse_task
 from dptr_operator.events import pipeline_task_ref, task_runner_ref
@@ -330,6 +331,47 @@ class Dispatcher:
             f"attempt {attempt_id}: the API server did not answer ({exc}); Data Pipeline gives "
             "the attempt again after its ack window",
             "Warning",
+        )
+
+    def create_missing_job(self, worker: RunnerWorker, entry: TaskEntry, *, give_up: bool = False) -> None:
+        """Create the Job of a recorded task that has none: after a restart, an API outage
+        during its dispatch (``JobPending``), or a PipelineTask whose create was answered
+        with an error but landed.  With ``give_up`` (the pod create grace has passed) an
+        API server that still does not answer ends the attempt FAILED
+        ``dptr.JobRejected.Unavailable``: no attempt is heartbeated without a Job forever."""
+        # A claimed report (ours being made, or one from before a restart) is the outcome
+        # already: a Job now would run an attempt that is being reported.
+        if entry.terminal or entry.job_name or entry.busy or entry.report_claimed_by:
+            return
+        try:
+            obj = self.services.kube.get(pipelinetask_path(entry.namespace, entry.name))
+            if ((obj.get("status") or {}).get("report") or {}).get("claimedBy"):
+                return
+            task = PipelineTask.from_k8s(obj).spec.to_task()
+            name = self.ensure_job(worker, entry, task, obj)
+        except NotFound:
+            return
+        except TaskError as exc:  # refused, or cannot run: FAILED once
+            self.fail_before_job(worker, entry, exc)
+            return
+        except (JobPending, ApiError) as exc:  # the API server still away
+            if give_up:
+                error = exc.error if isinstance(exc, JobPending) else exc
+                self.fail_before_job(worker, entry, rejection(error, "Job"))
+            else:
+                log.warning("%s/%s: could not create the Job yet: %s", entry.namespace, entry.name, exc)
+            return
+        if entry.terminal or entry.busy:
+            # Reported (or being reported) while the create was in flight: no attempt for it.
+            with contextlib.suppress(ApiError):
+                self.reporter.delete_job(entry)
+            return
+        with contextlib.suppress(NotFound):
+            self.services.kube.patch(
+                pipelinetask_path(entry.namespace, entry.name, "status"), {"status": {"jobName": name}}
+            )
+        self.services.index.update(
+            entry.key, job_name=name, job_since=time.monotonic(), job_pending_since=None
         )
 
     def fail_before_job(self, worker: RunnerWorker, entry: TaskEntry, err: TaskError) -> None:

@@ -92,3 +92,27 @@ class Runners:
                 self._status_due.discard(key)
                 return True
             return False
+
+    # ------------------------------------------------------------------ the sweep
+
+    def sweep(self) -> list[RunnerWorker]:
+        """Re-plan each runner's heartbeats, export its gauges, and write the statuses
+        that are due (a changed plan, a request, or a poll time to show); returns the
+        workers swept."""
+        metrics = self.services.metrics
+        workers = self.all()
+        for worker in workers:
+            plan = self.plan(worker)
+            if (
+                plan.interval_seconds != worker.plan.interval_seconds
+                or plan.budget_met != worker.plan.budget_met
+            ):
+                self.request_status(worker)
+            worker.plan = plan
+            worker.health.budget_message = None if plan.budget_met else plan.message
+            label = f"{worker.namespace}/{worker.name}"
+            metrics.heartbeat_interval.labels(label).set(plan.interval_seconds)
+            metrics.tasks_active.labels(label).set(worker.active())
+            if self.take_status_request(worker.key) or worker.last_poll_time is not None:
+                self.services.work.submit(worker.publish_status, key=("runner-status", worker.key))
+        return workers

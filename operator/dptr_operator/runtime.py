@@ -18,24 +18,20 @@ from typing import Any
 import pydantic
 
 from dptr_common import naming
-from dptr_common.errors import Outcome, TaskError
 from dptr_common.kube import (
-    ApiError,
     KubeClient,
     NotFound,
-    job_path,
     pipelinetask_path,
-    taskrunner_path,
 )
-from dptr_common.models import PipelineTask, TaskRunner
+from dptr_common.models import TaskRunner
 from dptr_operator import history, outcomes
 from dptr_operator.config import OperatorConfig
-from dptr_operator.dispatch import Dispatcher, JobPending, rejection
+from dptr_operator.dispatch import Dispatcher
+from dptr_operator.endings import FINALIZER, Endings
 from dptr_operator.events import EventRecorder, task_runner_ref
-from dptr_operator.finalizers import remove_finalizer
 from dptr_operator.health import HealthState
 from dptr_operator.heartbeats import HeartbeatScheduler
-from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry, TaskIndex, TaskKey
+from dptr_operator.index import TaskEntry, TaskIndex, TaskKey
 from dptr_operator.metrics import Metrics
 from dptr_operator.pods import PodTracker
 from dptr_operator.polling import RunnerWorker
@@ -45,15 +41,10 @@ from dptr_operator.services import Services
 from dptr_operator.statuswriter import StatusWriter
 from dptr_operator.workpool import WorkPool
 
+#: FINALIZER is endings.py's, still importable from here.
 __all__ = ["FINALIZER", "Operator"]
 
 log = logging.getLogger(__name__)
-
-#: Keeps a deleted TaskRunner until its unfinished tasks are reported (see docs/operator.md).
-FINALIZER = "dptr.dev/task-runner"
-
-#: errorId of tasks failed because their TaskRunner was deleted.
-RUNNER_DELETED_ERROR = "dptr.TaskRunnerDeleted"
 
 
 class Operator:
@@ -89,8 +80,9 @@ class Operator:
         self.scheduler = HeartbeatScheduler(self.services, self.runners, self.reporter)
         self.dispatcher = Dispatcher(self.services, self.reporter, self.scheduler)
         self.pods = PodTracker(self.services, self.reporter)
-        self._work = self.services.work
         self._stop = threading.Event()
+        self.endings = Endings(self.services, self.runners, self.reporter, self._stop)
+        self._work = self.services.work
         self._sweeper = threading.Thread(target=self._sweep_loop, name="sweep", daemon=True)
         self._last_history = 0.0
 
@@ -143,7 +135,7 @@ class Operator:
                         entry.job_pending_since = time.monotonic()
                     self.scheduler.schedule_new(entry)
                 elif entry.finalized:
-                    self._settle_later(entry)
+                    self.endings.settle_later(entry)
         log.info(
             "rebuilt the index from %d PipelineTask(s) (%d active) in %.2fs",
             count,
@@ -173,7 +165,7 @@ class Operator:
         if not deleting and FINALIZER not in (meta.get("finalizers") or []):
             # Keyed: a runner's events until the finalizer lands queue one write, not one each.
             self._work.submit(
-                self._add_finalizer,
+                self.endings.add_runner_finalizer,
                 key=("finalizer", key),
                 runner_key=key,
                 finalizers=list(meta.get("finalizers") or []),
@@ -193,7 +185,7 @@ class Operator:
                 "polling stopped; unfinished tasks are stopped and reported FAILED (dptr.TaskRunnerDeleted)",
                 "Warning",
             )
-            self._work.submit(self._finalize_runner, key=("finalize", key), worker=worker)
+            self._work.submit(self.endings.finalize_runner, key=("finalize", key), worker=worker)
 
     def on_task_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -217,7 +209,7 @@ class Operator:
             if worker is not None:
                 worker.capacity_changed()
             if entry.finalized:
-                self._settle_later(entry)
+                self.endings.settle_later(entry)
             return
         if entry.deleting:
             # Deleted by a user (or with its TaskRunner's namespace) while the attempt is
@@ -252,121 +244,16 @@ class Operator:
             return
         self.pods.on_job(entry, event_type, body)
 
-    def _add_finalizer(
-        self, runner_key: TaskKey, finalizers: list[str], resource_version: str | None
-    ) -> None:
-        patch: dict[str, Any] = {"metadata": {"finalizers": [*finalizers, FINALIZER]}}
-        if resource_version:
-            patch["metadata"]["resourceVersion"] = resource_version
-        try:
-            self.kube.patch(taskrunner_path(*runner_key), patch)
-        except ApiError as exc:
-            log.info(
-                "adding the finalizer to %s/%s: %s (retried on the next event)",
-                runner_key[0],
-                runner_key[1],
-                exc,
-            )
-
-    def _remove_finalizer(self, key: TaskKey) -> None:
-        remove_finalizer(self.kube, taskrunner_path(*key), FINALIZER)
-
-    # ------------------------------------------------------------------ background work
-
     def _ensure_missing_jobs(self, worker: RunnerWorker) -> None:
         """After a restart: tasks recorded but whose Job was never created get it now."""
         for entry in self.index.for_runner(worker.key):
             if not entry.terminal and not entry.job_name and not entry.busy:
-                self._ensure_job(entry=entry, worker=worker)
+                self.dispatcher.create_missing_job(worker, entry)
 
-    def _ensure_job(
-        self, entry: TaskEntry, worker: RunnerWorker | None = None, *, give_up: bool = False
-    ) -> None:
-        """Create the Job of a recorded task that has none: after a restart, an API outage
-        during its dispatch (``JobPending``), or a PipelineTask whose create was answered
-        with an error but landed.  With ``give_up`` (the pod create grace has passed) an
-        API server that still does not answer ends the attempt FAILED
-        ``dptr.JobRejected.Unavailable``: no attempt is heartbeated without a Job forever."""
-        worker = worker or self.runners.worker_for(entry)
-        # A claimed report (ours being made, or one from before a restart) is the outcome
-        # already: a Job now would run an attempt that is being reported.
-        if worker is None or entry.terminal or entry.job_name or entry.busy or entry.report_claimed_by:
-            return
-        try:
-            obj = self.kube.get(pipelinetask_path(entry.namespace, entry.name))
-            if ((obj.get("status") or {}).get("report") or {}).get("claimedBy"):
-                return
-            task = PipelineTask.from_k8s(obj).spec.to_task()
-            name = self.dispatcher.ensure_job(worker, entry, task, obj)
-        except NotFound:
-            return
-        except TaskError as exc:  # refused, or cannot run: FAILED once
-            self.dispatcher.fail_before_job(worker, entry, exc)
-            return
-        except (JobPending, ApiError) as exc:  # the API server still away
-            if give_up:
-                error = exc.error if isinstance(exc, JobPending) else exc
-                self.dispatcher.fail_before_job(worker, entry, rejection(error, "Job"))
-            else:
-                log.warning("%s/%s: could not create the Job yet: %s", entry.namespace, entry.name, exc)
-            return
-        if entry.terminal or entry.busy:
-            # Reported (or being reported) while the create was in flight: no attempt for it.
-            with contextlib.suppress(ApiError):
-                self.reporter.delete_job(entry)
-            return
-        self.pods.patch_status(entry, {"jobName": name})
-        self.index.update(entry.key, job_name=name, job_since=time.monotonic(), job_pending_since=None)
-
-    def _settle_later(self, entry: TaskEntry) -> None:
-        if not entry.settled:
-            entry.settled = True
-            self._work.submit(self._settle, entry=entry)
-
-    def _settle(self, entry: TaskEntry) -> None:
-        """After the outcome is recorded: finish a cancel's Job deletion (a canceler may
-        have stopped between recording the cancel and deleting the Job), start the Job's
-        TTL (never earlier, so a TTL cannot remove what an unreported attempt's fallback
-        needs), then let go of the finalizer."""
-        if entry.canceled and not entry.stopping:
-            entry.stopping = True
-            try:
-                self.reporter.delete_job(entry)
-            except ApiError as exc:
-                log.warning("%s/%s: deleting a canceled task's Job: %s", entry.namespace, entry.name, exc)
+    def _ensure_job(self, entry: TaskEntry, *, give_up: bool) -> None:
         worker = self.runners.worker_for(entry)
-        ttl = worker.spec.job_template.ttl_seconds_after_finished if worker is not None else None
-        if ttl is not None and entry.job_name:
-            with contextlib.suppress(NotFound):
-                self.kube.patch(
-                    job_path(entry.namespace, entry.job_name), {"spec": {"ttlSecondsAfterFinished": ttl}}
-                )
-        remove_finalizer(self.kube, pipelinetask_path(entry.namespace, entry.name), ATTEMPT_FINALIZER)
-
-    def _finalize_runner(self, worker: RunnerWorker) -> None:
-        """A deleted TaskRunner: stop and fail its unfinished tasks, then let it go."""
-        outcome = Outcome(
-            "FAILED",
-            RUNNER_DELETED_ERROR,
-            f"TaskRunner {worker.namespace}/{worker.name} was deleted while the task ran",
-        )
-        while not self._stop.is_set():
-            pending = [e for e in self.index.for_runner(worker.key) if not e.terminal]
-            for entry in pending:
-                try:
-                    self.reporter.report(entry, outcome, cause="TaskRunner deleted", stop_job=True)
-                except Exception as exc:
-                    log.warning("%s/%s: failing on runner deletion: %s", entry.namespace, entry.name, exc)
-            if not [e for e in self.index.for_runner(worker.key) if not e.terminal]:
-                break
-            self._stop.wait(max(self.config.scaled(5), 0.2))
-        worker.stop()
-        self._remove_finalizer(worker.key)
-        self.events.emit(
-            task_runner_ref(worker.namespace, worker.name, worker.runner.metadata.uid),
-            "Deleted",
-            "every task is reported; the TaskRunner is released",
-        )
+        if worker is not None:
+            self.dispatcher.create_missing_job(worker, entry, give_up=give_up)
 
     def _sweep_loop(self) -> None:
         period = max(self.config.scaled(self.config.sweep_interval_seconds), 0.1)
@@ -379,21 +266,7 @@ class Operator:
     def sweep(self) -> None:
         self.health.tick()
         now = time.monotonic()
-        workers = self.runners.all()
-        for worker in workers:
-            plan = self.runners.plan(worker)
-            if (
-                plan.interval_seconds != worker.plan.interval_seconds
-                or plan.budget_met != worker.plan.budget_met
-            ):
-                self.runners.request_status(worker)
-            worker.plan = plan
-            worker.health.budget_message = None if plan.budget_met else plan.message
-            label = f"{worker.namespace}/{worker.name}"
-            self.metrics.heartbeat_interval.labels(label).set(plan.interval_seconds)
-            self.metrics.tasks_active.labels(label).set(worker.active())
-            if self.runners.take_status_request(worker.key) or worker.last_poll_time is not None:
-                self._work.submit(worker.publish_status, key=("runner-status", worker.key))
+        workers = self.runners.sweep()
         self.pods.sweep(now)
         # Recorded tasks known to have no Job (TaskEntry.job_pending_since): tried five
         # times over the pod create grace, then ended if the API server still cannot.

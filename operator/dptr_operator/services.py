@@ -8,7 +8,9 @@ test_imports.py checks the order):
 2. polling: one RunnerWorker per TaskRunner, given the leaves and plain callables;
 3. runners: the workers by key, their heartbeat plans and status requests;
 4. reporter: reports, cancels and task completion;
-5. heartbeats: the operator's own ReportTaskProgress scheduler;
+5. heartbeats (the operator's own ReportTaskProgress scheduler), pods (what pods and
+   Jobs say, and the reports of problems past their grace), endings (what follows an
+   attempt's end and a TaskRunner's deletion: the finalizers);
 6. dispatch: a polled task to a PipelineTask and a Job;
 7. runtime: builds them, routes watch events, sweeps, finalizers; then main and cli.
 """

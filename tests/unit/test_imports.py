@@ -120,7 +120,7 @@ OPERATOR_LAYERS: list[set[str]] = [
     {"polling"},
     {"runners"},
     {"reporter"},
-    {"heartbeats", "pods"},
+    {"endings", "heartbeats", "pods"},
     {"dispatch"},
     {"runtime"},
     {"main"},
