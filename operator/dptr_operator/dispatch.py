@@ -179,6 +179,10 @@ class Dispatcher:
             self._report_without_ledger(worker, task.task_id, refused, f"attempt {task.attempt_id}")
             return
         entry, _ = self.services.index.upsert(TaskEntry.from_k8s(obj))
+        # This dispatch creates the Job: the watch may have seen the PipelineTask first and
+        # marked it as missing one (runtime.on_task_event), and the sweep must not create
+        # it meanwhile (CI saw a Job made while the ack was in flight, then canceled).
+        entry.job_pending_since = None
         worker.capacity_changed()
         if not created:
             log.info(
