@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
+from .waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "dptr"
 CRD_DIR = CHART / "crds"
@@ -28,13 +30,22 @@ def install_crds(bed: _Kubectl) -> None:
     """Apply dptr's CRDs and wait until the API server serves them.  Idempotent (every
     xdist worker may call it): server-side apply, taking over fields if need be."""
     bed.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-    bed.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/taskrunners.dptr.dev",
-        "crd/pipelinetasks.dptr.dev",
-    )
+
+    # Not `kubectl wait --for=condition=Established`: on a CRD just created, before the
+    # API server has written any condition, it fails at once (".status.conditions
+    # accessor error: <nil>") instead of waiting; a CI run lost 194 tests to it.
+    def established() -> bool:
+        out = bed.kubectl(
+            "get",
+            "crd/taskrunners.dptr.dev",
+            "crd/pipelinetasks.dptr.dev",
+            "-o",
+            'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Established")].status}{" "}{end}',
+            check=False,
+        )
+        return out.split() == ["True", "True"]
+
+    wait_for(established, timeout=60, interval=0.2, what="dptr's CRDs Established")
 
 
 def sidecar_rules() -> list[dict[str, Any]]:
