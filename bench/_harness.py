@@ -33,13 +33,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # op_helpers: what the operator tests use
 
 import op_helpers  # noqa: E402
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess, wait_for  # noqa: E402
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess  # noqa: E402
 
 from dptr_common import naming  # noqa: E402
 from dptr_common.kube import KubeConfig  # noqa: E402
 from dptr_datapipeline import DEFAULT_QUOTAS  # noqa: E402
 from dptr_testbed.controlplane import RunningTestbed, Testbed  # noqa: E402
 from dptr_testbed.installs import install_crds  # noqa: E402
+from dptr_testbed.waiting import wait_for  # noqa: E402
 
 __all__ = [
     "QUIET_GRACES",
