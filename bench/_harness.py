@@ -144,6 +144,13 @@ def heartbeat_workers_flags(args: argparse.Namespace) -> list[str]:
 HEARTBEAT_BENCH_QUOTAS = {op: rate for op, rate in DEFAULT_QUOTAS.items() if op != "PollForTask"}
 
 
+#: The benchmarks' pods never get a node, and with thousands of Jobs the Job controller
+#: (20 requests/s) takes minutes to create their pods: at time scale 0.2 the default
+#: 5-minute pod-create grace (60 s real) failed hundreds of attempts as
+#: ``dptr.PodRejected.NoPod``, which is right for a cluster but not what these measure.
+BENCH_GRACES = ("--pod-create-grace-seconds", "100000")
+
+
 @contextlib.contextmanager
 def control_plane(testbed_dir: Path | None) -> Iterator[Any]:
     """A control plane without nodes (pods stay Pending), with dptr's CRDs installed."""
@@ -178,7 +185,7 @@ def start_operator(
 
     With ``DPTR_BENCH_PROFILE=DIR`` set, the operator runs under bench/_sampler.py and
     writes its profile to DIR/profile-<namespace>-<n>.txt when stopped (SIGTERM)."""
-    op = OperatorProcess(bed, namespace, log_dir, [*QUIET_GRACES, *extra])
+    op = OperatorProcess(bed, namespace, log_dir, [*QUIET_GRACES, *BENCH_GRACES, *extra])
     profile_dir = os.environ.get("DPTR_BENCH_PROFILE")
     if not profile_dir:
         return op.start("--time-scale", repr(time_scale))
