@@ -56,6 +56,7 @@ __all__ = [
     "NotFound",
     "PatchType",
     "Unauthorized",
+    "close_stream",
     "event_path",
     "job_path",
     "namespaced_path",
@@ -507,7 +508,7 @@ class KubeClient:
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """GET ``path`` on a connection of its own and return it with the response, unread:
         for a watch or a log, read incrementally so memory stays bounded.  The caller closes
-        the connection (closing it from another thread ends a blocked read).
+        it with :func:`close_stream`, which also ends a read blocked in another thread.
 
         Raises like :meth:`request` for error statuses, and :class:`ApiUnavailable` when no
         answer came; a 401 with a token file re-reads the token and retries once.
@@ -734,3 +735,23 @@ class KubeClient:
         if action:
             body["action"] = action[:128]
         return self.create(event_path(namespace), body, timeout=timeout)
+
+
+def close_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResponse | None = None) -> None:
+    """Close a :meth:`KubeClient.stream`, also while another thread is blocked reading it.
+
+    ``conn.close()`` alone does not end that read, it waits for it: the response's buffered
+    reader holds its lock while blocked, and closing needs the lock.  A watch blocks up to
+    its ``timeoutSeconds``, so a sidecar closing its pod watch after reporting hung there
+    until kubelet killed it at the end of the grace period (exit 137, the pod finishing
+    30 s late).  Shutting the socket down first makes the blocked read return at once.
+    """
+    sock = conn.sock
+    if sock is None and response is not None:
+        # A response that will close owns the socket, not the connection.
+        sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        conn.close()

@@ -9,7 +9,6 @@ whatever the task printed.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
@@ -17,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dptr_common.kube import ApiError, KubeClient, NotFound, pod_path
+from dptr_common.kube import ApiError, KubeClient, NotFound, close_stream, pod_path
 
 __all__ = ["PodWatcher", "read_log_tail", "stream_log"]
 
@@ -72,9 +71,10 @@ def stream_log(
 class PodWatcher:
     """Follows one pod and hands every version of it to ``on_pod`` (None: the pod is gone).
 
-    GET first (the state now), then a watch from that resourceVersion; a watch that ends
-    or fails starts over with a GET, with back-off after errors.  When watching is
-    forbidden (an RBAC rule without ``watch``) it falls back to polling with GET.
+    GET first (the state now; or ``initial``, a version the caller has just read, which
+    saves that request), then a watch from that resourceVersion; a watch that ends or
+    fails starts over with a GET, with back-off after errors.  When watching is forbidden
+    (an RBAC rule without ``watch``) it falls back to polling with GET.
     """
 
     def __init__(
@@ -87,7 +87,9 @@ class PodWatcher:
         watch_timeout: float = 240.0,
         poll_interval: float = 5.0,
         error_backoff: Callable[[int], float] = lambda attempt: min(0.5 * 2**attempt, 10.0),
+        initial: dict[str, Any] | None = None,
     ) -> None:
+        self._initial = initial
         self.kube = kube
         self.namespace = namespace
         self.name = name
@@ -97,7 +99,7 @@ class PodWatcher:
         self.error_backoff = error_backoff
         self.stop = threading.Event()
         self._can_watch = True
-        self._conn: http.client.HTTPConnection | None = None
+        self._stream: tuple[http.client.HTTPConnection, http.client.HTTPResponse] | None = None
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="dptr-pod-watch", daemon=True)
@@ -105,11 +107,11 @@ class PodWatcher:
         return thread
 
     def close(self) -> None:
+        """Stop, and end a watch blocked in the watcher's thread (returns at once)."""
         self.stop.set()
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        stream = self._stream
+        if stream is not None:
+            close_stream(*stream)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -126,7 +128,7 @@ class PodWatcher:
         errors = 0
         while not self.stop.is_set():
             try:
-                pod = self.kube.get(pod_path(self.namespace, self.name))
+                pod, self._initial = self._initial or self.kube.get(pod_path(self.namespace, self.name)), None
             except NotFound:
                 self.on_pod(None)
                 return
@@ -176,7 +178,10 @@ class PodWatcher:
         }
         path = pod_path(self.namespace)
         conn, response = self.kube.stream(path, query, timeout=self.watch_timeout + 30)
-        self._conn = conn
+        self._stream = conn, response
+        if self.stop.is_set():  # closed meanwhile: close() found no stream to end
+            close_stream(conn, response)
+            return
         try:
             while not self.stop.is_set():
                 line = response.readline()
@@ -196,5 +201,5 @@ class PodWatcher:
                     continue
                 yield event_type, obj
         finally:
-            self._conn = None
-            conn.close()
+            self._stream = None
+            close_stream(conn, response)

@@ -172,6 +172,7 @@ class Sidecar:
             lambda obj: self.events.put(("pod", obj)),
             watch_timeout=240.0,
             poll_interval=max(min(self.scaled(5.0), 5.0), 0.2),
+            initial=pod,  # read above: the watch starts from it
         )
         watcher.start()
         heartbeats.start()

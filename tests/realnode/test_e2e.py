@@ -310,12 +310,25 @@ def test_pipeline_outcomes_through_the_chart_on_the_real_node(
         assert status["phase"] == phase, status
         assert status["report"]["reportedBy"].startswith("sidecar/"), status["report"]
         assert status["report"]["reportedBy"] == f"sidecar/{status['podName']}", status
-        pod = installed.get("pod", "-n", installed.data_ns, status["podName"])
+        # Having reported, the sidecar exits by itself once kubelet asks it to: the pod
+        # ends within seconds, not when the 30 s grace period runs out (exit 137).
+        pod = wait_for(
+            lambda name=status["podName"]: (
+                p
+                if (p := installed.get("pod", "-n", installed.data_ns, name))["status"].get("phase")
+                in ("Succeeded", "Failed")
+                else None
+            ),
+            timeout=20,
+            interval=0.5,
+            what=f"{object_id}'s pod finished",
+        )
         assert pod["spec"]["nodeName"] == real_bed.node_name
         assert pod["status"]["podIP"].startswith("10.244."), pod["status"]
         (sidecar,) = pod["status"]["initContainerStatuses"]
         (task_container,) = pod["status"]["containerStatuses"]
         assert sidecar["containerID"].startswith("containerd://")
+        assert sidecar["state"]["terminated"]["exitCode"] == 0, sidecar
         assert sidecar["image"].endswith(images.SIDECAR_IMAGE.split("/", 1)[1]), sidecar
         want_image = PROBE_IMAGE if object_id == "Fails" else images.SIDECAR_IMAGE
         assert task_container["image"].endswith(want_image.split("/", 1)[1]), task_container

@@ -21,7 +21,11 @@ def test_the_bench_directory_has_scripts() -> None:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_script_imports_and_parses_its_arguments(script: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, str(BENCH / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout, proc.stdout
