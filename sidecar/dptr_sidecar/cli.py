@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -74,7 +75,22 @@ def run() -> int:
     kube = KubeClient.from_env(timeout=20.0)
     kube.config.namespace = config.namespace
     sidecar = Sidecar(config, kube, make_dp, sigterm=sigterm)
-    return sidecar.run()
+    try:
+        return sidecar.run()
+    finally:
+        _log_usage()
+
+
+def _log_usage() -> None:
+    # What the sidecar cost its pod, in its own words: a cgroup reading cannot be had
+    # once the container is gone, and operators size the sidecar's requests from this.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    logging.getLogger("dptr.sidecar").info(
+        "exiting: peak RSS %.1f MiB, CPU %.2fs user + %.2fs system",
+        usage.ru_maxrss / 1024,  # KiB on Linux
+        usage.ru_utime,
+        usage.ru_stime,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,24 @@ def test_exit_0_reports_finished(harness: SidecarHarness, datapipeline: LocalDat
     assert any(e["reason"] == "Reported" for e in running.events())
 
 
+def test_the_sidecar_exits_by_itself_once_it_has_reported(
+    harness: SidecarHarness, datapipeline: LocalDataPipeline
+) -> None:
+    """Once the task container has ended, kubelet asks the native sidecar to stop; having
+    reported, it must exit 0 on its own, not hang until the end of the pod's 30 s grace
+    period and be killed (exit 137), keeping the pod and its Job unfinished meanwhile."""
+    running = harness.start("echo done")
+    finish(datapipeline, running, "FINISHED")
+    terminated = wait_for(
+        lambda: running.container_state("dptr-sidecar").get("terminated"),
+        timeout=15,
+        interval=0.2,
+        what="the sidecar container ended",
+    )
+    assert terminated["exitCode"] == 0, terminated
+    assert "exiting: peak RSS" in running.sidecar_log()
+
+
 def test_exit_3_reports_failed_with_exit_code(
     harness: SidecarHarness, datapipeline: LocalDataPipeline
 ) -> None:
