@@ -415,10 +415,13 @@ def mark_reported(
     *,
     claim: Claim,
     message: str | None = None,
+    exit_status: Mapping[str, Any] | None = None,
     clock: Callable[[], datetime] = _utcnow,
 ) -> bool:
     """Record that ``claim.holder`` called SetTaskStatus: ``report.reportedAt``/``reportedBy``
-    and the final phase (Succeeded for FINISHED, Failed for FAILED and FALSE).
+    and the final phase (Succeeded for FINISHED, Failed for FAILED and FALSE), and with it
+    ``exit_status`` (``exitCode``/``reason``/``podName``) in the same write, so that whoever sees
+    the report recorded sees how the task ended too.
 
     Returns False (and writes nothing) when the report was already marked.  If another
     holder took the claim over meanwhile, the report is still recorded (it happened) and
@@ -450,6 +453,7 @@ def mark_reported(
         st["phase"] = FINAL_PHASE[claim.status]
         if message is not None:
             st["message"] = message
+        st.update(exit_status or {})
         return True, True
 
     result, _ = _optimistic_update(kube, namespace, name, decide)

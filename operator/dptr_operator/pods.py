@@ -43,7 +43,11 @@ class PodTracker:
             entry.phase != "Running" or entry.pod_name != assessment.pod_name
         ):
             self.services.index.update(entry.key, phase="Running", pod_name=assessment.pod_name)
-            self.services.work.submit(self._mark_running, entry=entry, pod_name=assessment.pod_name)
+            if assessment.problem != "Ended":
+                # Not when the first Running pod seen has a task container that has ended
+                # already (a short task): the report follows at once, and a Running phase
+                # and a Started Event would say nothing it does not.
+                self.services.work.submit(self._mark_running, entry=entry, pod_name=assessment.pod_name)
         elif assessment.phase == "Pending" and assessment.pod_name and entry.pod_name != assessment.pod_name:
             self.services.index.update(entry.key, pod_name=assessment.pod_name)
             self.services.work.submit(self.patch_status, entry=entry, status={"podName": assessment.pod_name})
@@ -197,7 +201,9 @@ class PodTracker:
         except NotFound:
             return
         status = obj.get("status") or {}
-        if status.get("phase") in (None, "Pending"):
+        # A claimed report means the task has ended already (a short task's pod can be seen
+        # running after that): a Running phase and a Started Event would say nothing new.
+        if status.get("phase") in (None, "Pending") and not (status.get("report") or {}).get("claimedBy"):
             self.patch_status(entry, {"phase": "Running", "podName": pod_name})
             self.services.events.emit(
                 pipeline_task_ref(entry.namespace, entry.name, entry.uid),

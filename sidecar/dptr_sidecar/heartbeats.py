@@ -63,6 +63,8 @@ class Heartbeater:
         self._last_beat = since
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Monotonic time ``status.heartbeat.lastAt`` was last written (by us or the takeover).
+        self._recorded_at: float | None = None
 
     # ---------------------------------------------------------------- the main thread's side
 
@@ -70,6 +72,10 @@ class Heartbeater:
         """Beat at once, then on the interval, in a daemon thread."""
         self._thread = threading.Thread(target=self._loop, name="dptr-heartbeat", daemon=True)
         self._thread.start()
+
+    def note_recorded(self) -> None:
+        """``lastAt`` was just written (the takeover stamps it): the first beat need not."""
+        self._recorded_at = time.monotonic()
 
     def stop(self) -> None:
         """No heartbeat after the one in flight (if any); does not wait for it."""
@@ -145,7 +151,15 @@ class Heartbeater:
             self._on_cancel(*CANCELED)
             self._stop.set()
             return True
-        self._record()
+        # lastAt is for `kubectl get` and for a restarted operator, which would beat the
+        # task sooner for an older one (the safe side): the beat right after the takeover,
+        # which stamped lastAt a moment ago, needs no write of its own (one per task).
+        recorded = self._recorded_at
+        if (
+            recorded is None
+            or self._last_beat - recorded >= self._config.scaled(self.effective_interval()) / 2
+        ):
+            self._record()
         return True
 
     def _record(self, error: str | None = None) -> None:
@@ -157,5 +171,7 @@ class Heartbeater:
                 by=self._config.pod_name,
                 error=error,
             )
+            if error is None:
+                self._recorded_at = time.monotonic()
         except ApiError as exc:
             log.info("could not record the heartbeat on the PipelineTask: %s", exc)

@@ -355,11 +355,15 @@ class Reporter:
         if claim.error_id:
             message += f" {claim.error_id}"
         message += note
-        self._patch_exit(end)  # first: whoever sees the report recorded sees the exit code too
         try:
             retry_kube(
                 lambda: mark_reported(
-                    self._kube, cfg.namespace, cfg.pipeline_task, claim=claim, message=message
+                    self._kube,
+                    cfg.namespace,
+                    cfg.pipeline_task,
+                    claim=claim,
+                    message=message,
+                    exit_status=self._exit_status(end),
                 ),
                 "recording the report",
             )
@@ -436,8 +440,8 @@ class Reporter:
         )
         return None if revised is None else (revised, trace)
 
-    def _patch_exit(self, end: TaskEnd) -> None:
-        """Fill ``status.exitCode``/``podName`` (the Exit printer column)."""
+    def _exit_status(self, end: TaskEnd) -> dict[str, Any]:
+        """``status.exitCode``/``reason``/``podName`` (the Exit printer column)."""
         pod = self._latest_pod or {}
         status = container_status(pod, "containerStatuses", end.container) or container_status(
             pod, "initContainerStatuses", end.container
@@ -448,10 +452,4 @@ class Reporter:
             patch["exitCode"] = terminated["exitCode"]
         if terminated.get("reason"):
             patch["reason"] = terminated["reason"]
-        try:
-            self._kube.patch(
-                pipelinetask_path(self._config.namespace, self._config.pipeline_task, "status"),
-                {"status": patch},
-            )
-        except ApiError as exc:
-            log.info("could not record the exit code: %s", exc)
+        return patch

@@ -155,6 +155,7 @@ class Sidecar:
             ),
             "taking over heartbeats",
         )
+        heartbeats.note_recorded()
         if settled(status):
             return 0
         log.info(
