@@ -63,7 +63,8 @@ class Heartbeater:
         self._last_beat = since
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Monotonic time ``status.heartbeat.lastAt`` was last written (by us or the takeover).
+        #: Monotonic time ``status.heartbeat.lastAt`` was last written (by us or the
+        #: takeover); None when the last write was an error, which the next success clears.
         self._recorded_at: float | None = None
 
     # ---------------------------------------------------------------- the main thread's side
@@ -171,7 +172,7 @@ class Heartbeater:
                 by=self._config.pod_name,
                 error=error,
             )
-            if error is None:
-                self._recorded_at = time.monotonic()
+            # After an error is shown, the next success must clear it whenever it comes.
+            self._recorded_at = time.monotonic() if error is None else None
         except ApiError as exc:
             log.info("could not record the heartbeat on the PipelineTask: %s", exc)
