@@ -42,12 +42,17 @@ class PodTracker:
         if assessment.phase == "Running" and (
             entry.phase != "Running" or entry.pod_name != assessment.pod_name
         ):
+            known_pod = entry.pod_name == assessment.pod_name
             self.services.index.update(entry.key, phase="Running", pod_name=assessment.pod_name)
             if assessment.problem != "Ended":
-                # Not when the first Running pod seen has a task container that has ended
-                # already (a short task): the report follows at once, and a Running phase
-                # and a Started Event would say nothing it does not.
                 self.services.work.submit(self._mark_running, entry=entry, pod_name=assessment.pod_name)
+            elif not known_pod:
+                # The first Running pod seen has a task container that has ended already
+                # (a short task): the report follows at once, and a Running phase and a
+                # Started Event would say nothing it does not; the pod's name still helps.
+                self.services.work.submit(
+                    self.patch_status, entry=entry, status={"podName": assessment.pod_name}
+                )
         elif assessment.phase == "Pending" and assessment.pod_name and entry.pod_name != assessment.pod_name:
             self.services.index.update(entry.key, pod_name=assessment.pod_name)
             self.services.work.submit(self.patch_status, entry=entry, status={"podName": assessment.pod_name})

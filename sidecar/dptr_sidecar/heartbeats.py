@@ -152,18 +152,23 @@ class Heartbeater:
             self._on_cancel(*CANCELED)
             self._stop.set()
             return True
-        # lastAt is for `kubectl get` and for a restarted operator, which would beat the
-        # task sooner for an older one (the safe side): the beat right after the takeover,
-        # which stamped lastAt a moment ago, needs no write of its own (one per task).
+        # lastAt is for `kubectl get`, for a restarted operator (which would beat the task
+        # sooner for an older one: the safe side), and for the operator's stale check (no
+        # change for 1.5 intervals): a beat within a tenth of an interval of the takeover,
+        # which stamped lastAt, needs no write of its own (one per task), and the next
+        # record still comes within 1.2 intervals of that stamp.
         recorded = self._recorded_at
         if (
             recorded is None
-            or self._last_beat - recorded >= self._config.scaled(self.effective_interval()) / 2
+            or self._last_beat - recorded >= self._config.scaled(self.effective_interval()) * 0.1
         ):
             self._record()
         return True
 
     def _record(self, error: str | None = None) -> None:
+        if error is not None:
+            # Even if this write fails (or lands unseen), the next success must write.
+            self._recorded_at = None
         try:
             record_heartbeat(
                 self._kube,
@@ -172,7 +177,7 @@ class Heartbeater:
                 by=self._config.pod_name,
                 error=error,
             )
-            # After an error is shown, the next success must clear it whenever it comes.
-            self._recorded_at = time.monotonic() if error is None else None
+            if error is None:
+                self._recorded_at = time.monotonic()
         except ApiError as exc:
             log.info("could not record the heartbeat on the PipelineTask: %s", exc)

@@ -1,8 +1,10 @@
 """Which heartbeats the sidecar records on its PipelineTask (``status.heartbeat``).
 
-The beat right after the takeover is not recorded (the takeover stamped ``lastAt`` a
-moment before: bench/overhead.py counted that write on every task), but an error shown
-on the PipelineTask is always cleared by the next success, however soon it comes.
+A beat within a tenth of an interval of the takeover is not recorded (the takeover
+stamped ``lastAt`` a moment before: bench/overhead.py counted that write on every task;
+the operator calls the sidecar stale after 1.5 intervals without a change, and the next
+record still comes within 1.2), but an error shown on the PipelineTask is always cleared
+by the next success, however soon it comes.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def test_the_beat_after_the_takeover_is_not_recorded_but_later_ones_are() -> Non
     service.answers = [False]
     assert beats._beat()
     assert kube.patches == []
-    beats._recorded_at -= 60  # type: ignore[operator]  # an interval later
+    beats._recorded_at -= 6.1  # type: ignore[operator]  # a tenth of the interval later
     service.answers = [False]
     assert beats._beat()
     assert [p["lastError"] for p in kube.patches] == [None]
