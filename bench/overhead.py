@@ -542,10 +542,10 @@ class Bench:
 
     # -- reading what happened
 
-    def dptr_sample(self, key: str) -> Sample | None:
-        """The sample of the activity ``pipeline/objectId`` once everything of it is over."""
+    def attempt(self, key: str) -> Any:
+        """The ledger's attempt of the activity ``pipeline/objectId`` (one attempt each here)."""
         pipeline_id, object_id = key.split("/")
-        record = next(
+        return next(
             (
                 a
                 for a in self.svc.ledger.attempts.values()
@@ -553,6 +553,11 @@ class Bench:
             ),
             None,
         )
+
+    def dptr_sample(self, key: str) -> Sample | None:
+        """The sample of the activity ``pipeline/objectId`` once everything of it is over."""
+        pipeline_id, _ = key.split("/")
+        record = self.attempt(key)
         if record is None or not record.outcome:
             return None
         task_name = naming.pipeline_task_name(pipeline_id, record.attempt_id)
@@ -601,12 +606,9 @@ class Bench:
         return self.ctr.get(cid) if cid else None
 
     def sidecar_log(self, sample: Sample, key: str) -> str:
-        pipeline_id, object_id = key.split("/")
-        record = next(
-            a
-            for a in self.svc.ledger.attempts.values()
-            if a.pipeline_id == pipeline_id and a.object_id == object_id
-        )
+        pipeline_id, _ = key.split("/")
+        record = self.attempt(key)
+        assert record is not None
         pod = self.cluster.pod_with(naming.LABEL_PIPELINE_TASK, job_label_for(pipeline_id, record.attempt_id))
         assert pod is not None
         return self.kube.read_log(self.data_ns, pod["metadata"]["name"], SIDECAR).decode(errors="replace")
@@ -614,12 +616,9 @@ class Bench:
     def report_writes(self, key: str) -> None:
         """The writes to one task's PipelineTask, as its watch saw them: when (after the
         task was ready), by whom (the newest managedFields entry) and what changed."""
-        pipeline_id, object_id = key.split("/")
-        record = next(
-            a
-            for a in self.svc.ledger.attempts.values()
-            if a.pipeline_id == pipeline_id and a.object_id == object_id
-        )
+        pipeline_id, _ = key.split("/")
+        record = self.attempt(key)
+        assert record is not None
         assert record.ready_at is not None
         name = naming.pipeline_task_name(pipeline_id, record.attempt_id)
         versions = self.cluster.task_versions.get(name, [])
