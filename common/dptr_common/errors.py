@@ -50,7 +50,7 @@ ERROR_ID_PREFIX = "dptr."
 API_STRING_MAX = 1024
 
 #: Object types whose non-zero exit means "the condition does not hold" (FALSE), not an error.
-PRECONDITION_TYPES = frozenset({"ShellCommandPrecondition"})
+PRECONDITION_TYPES = frozenset({"ShellCommandPrecondition", "Exists"})
 
 
 class TaskError(Exception):
@@ -289,6 +289,12 @@ def outcome_for_termination(termination: ContainerTermination, object_type: str 
             error_id("Signal", name),
             _with_detail(f"the task container was killed by {name} (exit code {code})", message),
         )
+    if object_type == "Exists" and code in (1, 2):
+        # dptr's own check (dptr_sidecar.preconditions): 1 = does not hold, 2 = could not
+        # check; its termination message names why.  A user's check never gets here.
+        parsed = _parse_own_message(message)
+        if parsed is not None:
+            return Outcome("FALSE" if code == 1 else "FAILED", parsed[0], parsed[1])
     summary = f"the task container exited with code {code}"
     if code in _EXIT_HINTS:
         summary += f" ({_EXIT_HINTS[code]})"
@@ -299,6 +305,13 @@ def outcome_for_termination(termination: ContainerTermination, object_type: str 
             _with_detail(f"the precondition does not hold: {summary}", message),
         )
     return Outcome("FAILED", error_id("ExitCode", code), _with_detail(summary, message))
+
+
+def _parse_own_message(text: str | None) -> tuple[str, str] | None:
+    first, _, rest = (text or "").strip().partition("\n")
+    if not first.startswith("dptr.") or " " in first:
+        return None
+    return first, rest.strip()
 
 
 #: Pod-level causes the operator detects, with what they mean to a user.

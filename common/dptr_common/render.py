@@ -54,8 +54,9 @@ from dptr_common.podspec import (
     set_env,
 )
 from dptr_common.podspec import env as _env
+from dptr_common.render_preconditions import check_timing, exists_container, wrap_check
 from dptr_common.render_staging import render_staging, wants_task_io
-from dptr_common.task import SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
+from dptr_common.task import EXISTS_PRECONDITION, SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
 
 __all__ = [
     "FETCH_CONTAINER",
@@ -73,7 +74,7 @@ __all__ = [
     "task_argv",
 ]
 
-SUPPORTED_TYPES = frozenset({SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION})
+SUPPORTED_TYPES = frozenset({SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, EXISTS_PRECONDITION})
 
 SCRIPT_VOLUME = "dptr-script"
 SCRIPT_DIR = "/dptr/script"
@@ -173,14 +174,21 @@ def choose_image(task: Task, runner: TaskRunner) -> str:
     )
 
 
-def task_argv(task: Task) -> list[str]:
-    """The task container's command line; raises TaskError for what cannot run."""
+def _check_supported(task: Task) -> None:
     if task.object_type not in SUPPORTED_TYPES:
         raise TaskError(
             "dptr.UnknownActivityType",
             f"object type {task.object_type!r} is not supported; dptr runs "
-            + " and ".join(sorted(SUPPORTED_TYPES)),
+            + ", ".join(sorted(SUPPORTED_TYPES)),
         )
+
+
+def task_argv(task: Task) -> list[str]:
+    """The user's command line (a shell activity's or precondition's); raises TaskError
+    for what cannot run."""
+    _check_supported(task)
+    if task.object_type == EXISTS_PRECONDITION:
+        raise TaskError("dptr.InvalidTask.Exists.NoCommand", "an Exists precondition runs no command")
     command = task.command if task.command and task.command.strip() else None
     if command and task.script_uri:
         raise TaskError("dptr.InvalidTask.CommandAndScriptUri", "give either command or scriptUri, not both")
@@ -343,6 +351,7 @@ def render_job(
     owner: dict[str, Any],
     service_account_name: str | None = None,
     sidecar_env: dict[str, str] | None = None,
+    time_scale: float = 1.0,
 ) -> dict[str, Any]:
     """The whole Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
 
@@ -352,7 +361,8 @@ def render_job(
     wrapper).  Every command and env value is escaped for kubelet's ``$(VAR)``
     expansion as it is built (:mod:`dptr_common.podspec`), so each process sees exactly
     what was meant.  ``sidecar_env`` reaches every init
-    container of dptr's, the stage-in container included.  Raises :class:`TaskError`
+    container of dptr's, the stage-in container included.  ``time_scale`` scales a
+    precondition's ``retryDelay`` and ``preconditionTimeout`` (tests run at 0.01).  Raises :class:`TaskError`
     (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``,
     ``dptr.StagingFailed.*``, ``dptr.InvalidTask.TooLarge.*`` past :mod:`dptr_common.bounds`)
     for a task that cannot run; nothing must be created then.
@@ -364,6 +374,7 @@ def render_job(
         namespace=namespace,
         owner=owner,
         service_account_name=service_account_name,
+        time_scale=time_scale,
     )
     job = render_staging(job, task, runner)
     pod = job["spec"]["template"]["spec"]
@@ -385,6 +396,7 @@ def render_base_job(
     namespace: str,
     owner: dict[str, Any],
     service_account_name: str | None = None,
+    time_scale: float = 1.0,
 ) -> dict[str, Any]:
     """The Job without staging or S3 log capture (what :func:`render_job` builds on).
 
@@ -398,8 +410,12 @@ def render_base_job(
     Raises :class:`TaskError` (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``,
     ``dptr.InvalidTask.*``) for a task that cannot run; nothing must be created then.
     """
-    argv = task_argv(task)
-    image = choose_image(task, runner)
+    _check_supported(task)
+    exists = task.object_type == EXISTS_PRECONDITION
+    argv = [] if exists else task_argv(task)
+    if task.object_type == SHELL_COMMAND_PRECONDITION:
+        argv = wrap_check(argv)
+    image = runner.spec.job_template.image if exists else choose_image(task, runner)
     owner_ref = _owner_reference(owner)
     template = runner.spec.job_template
     sidecar_image = runner.spec.sidecar_image or sidecar_image
@@ -425,30 +441,49 @@ def render_base_job(
         annotations[naming.ANNOTATION_INSTANCE_ID] = task.instance_id
 
     pod_annotations = {**template.annotations, **annotations}
-    if runner.spec.credentials.mode == "PodIdentity" and not runner.spec.pass_data_pipeline_credentials:
+    if (
+        runner.spec.credentials.mode == "PodIdentity"
+        and not runner.spec.pass_data_pipeline_credentials
+        and not exists
+    ):
         # EKS's pod identity webhook injects AWS credentials into every container unless
         # told to skip some; the task must not get the runner's Data Pipeline identity.
+        # (An Exists check runs dptr's code only and needs the runner's S3 access.)
         pod_annotations["eks.amazonaws.com/skip-containers"] = TASK_CONTAINER
 
-    task_container: dict[str, Any] = {
-        "name": TASK_CONTAINER,
-        "image": image,
-        "command": command(argv),
-        "env": _task_env(task, runner),
-        "securityContext": {
-            **_restricted_container_security(read_only_root=False),
-            **(template.container_security_context or {}),
-        },
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    if template.image_pull_policy:
-        task_container["imagePullPolicy"] = template.image_pull_policy
-    if template.resources:
-        task_container["resources"] = template.resources
+    sidecar = _sidecar(task, runner, sidecar_image, owner_ref["name"])
+    timing = check_timing(task, time_scale)
+    task_container: dict[str, Any]
+    if exists:
+        task_container = exists_container(
+            task,
+            sidecar,
+            region=runner.spec.region,
+            s3_endpoint_url=runner.spec.s3_endpoint_url,
+            timing=timing,
+        )
+    else:
+        task_container = {
+            "name": TASK_CONTAINER,
+            "image": image,
+            "command": command(argv),
+            "env": _task_env(task, runner),
+            "securityContext": {
+                **_restricted_container_security(read_only_root=False),
+                **(template.container_security_context or {}),
+            },
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        if task.object_type == SHELL_COMMAND_PRECONDITION:
+            set_env(task_container, timing.env())
+        if template.image_pull_policy:
+            task_container["imagePullPolicy"] = template.image_pull_policy
+        if template.resources:
+            task_container["resources"] = template.resources
 
-    init_containers = [_sidecar(task, runner, sidecar_image, owner_ref["name"])]
+    init_containers = [sidecar]
     volumes = [_token_volume(), {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}]
-    if task.script_uri:
+    if task.script_uri and not exists:
         init_containers.append(_fetcher(task, runner, sidecar_image))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
         task_container["volumeMounts"] = [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True}]

@@ -183,8 +183,8 @@ def plan_staging(task: Task, root: str = STAGING_ROOT) -> StagingPlan | None:
     S3DataNode is not staged (its number is still taken, so ``INPUT2`` stays the
     second ``input``); a missing one is left for DescribeObjects.
     """
-    if not task.stage or not (task.inputs or task.outputs):
-        return None
+    if task.object_type != "ShellCommandActivity" or not task.stage or not (task.inputs or task.outputs):
+        return None  # preconditions have no staging fields
     nodes: list[StagedNode] = []
     for direction, refs in (("input", task.inputs), ("output", task.outputs)):
         for index, ref in enumerate(refs, start=1):

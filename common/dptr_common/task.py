@@ -38,6 +38,7 @@ __all__ = [
 
 SHELL_COMMAND_ACTIVITY = "ShellCommandActivity"
 SHELL_COMMAND_PRECONDITION = "ShellCommandPrecondition"
+EXISTS_PRECONDITION = "Exists"
 
 _PERIOD = re.compile(r"^\s*(\d+)\s*([A-Za-z]+)\s*$")
 # Data Pipeline periods are "N <unit>", units in any case, singular or plural.  A month
@@ -207,6 +208,14 @@ class Task(BaseModel):
     attempt_timeout_seconds: int | None = None
     report_progress_timeout_seconds: int | None = None
     maximum_retries: int | None = None
+    #: Preconditions: the pause between checks, and how long after the attempt began
+    #: the runner keeps checking (dptr_common.render_preconditions).
+    retry_delay_seconds: int | None = None
+    precondition_timeout_seconds: int | None = None
+    #: ``@actualStartTime`` of the attempt (``YYYY-MM-DDTHH:MM:SS``, UTC), as the service sent it.
+    actual_start_time: str | None = None
+    #: An ``Exists`` precondition's data node (the runtime ``node`` reference).
+    node: str | None = None
     my_image: str | None = None
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
@@ -301,6 +310,11 @@ class Task(BaseModel):
         attempt_timeout = single("attemptTimeout")
         rpt = single("reportProgressTimeout")
         retries = single("maximumRetries")
+        # Only a precondition's runner uses these (the service retries activities), so only
+        # a precondition fails for a malformed one.
+        checks = object_type in (SHELL_COMMAND_PRECONDITION, EXISTS_PRECONDITION)
+        retry_delay = single("retryDelay") if checks else None
+        precondition_timeout = single("preconditionTimeout") if checks else None
         if attempt.refs("scriptArgument"):
             raise TaskError(
                 "dptr.InvalidTask.BadField.scriptArgument", "scriptArgument values must be strings"
@@ -323,6 +337,12 @@ class Task(BaseModel):
             else None,
             report_progress_timeout_seconds=parse_period(rpt, field="reportProgressTimeout") if rpt else None,
             maximum_retries=_parse_int(retries, field="maximumRetries") if retries is not None else None,
+            retry_delay_seconds=parse_period(retry_delay, field="retryDelay") if retry_delay else None,
+            precondition_timeout_seconds=parse_period(precondition_timeout, field="preconditionTimeout")
+            if precondition_timeout
+            else None,
+            actual_start_time=attempt.first("@actualStartTime"),
+            node=single_ref("node"),
             my_image=single("myImage"),
             inputs=tuple(attempt.refs("input")),
             outputs=tuple(attempt.refs("output")),

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAXIMUM_RETRIES,
         help="maximumRetries for objects that do not set it",
     )
+    serve.add_argument(
+        "--precondition-retries",
+        choices=("runner", "service"),
+        default="runner",
+        help="who re-checks a precondition that did not hold: the runner within its attempt"
+        " (default; the developer guide's reading: FALSE is final) or the service, with a new"
+        " attempt after retryDelay until preconditionTimeout",
+    )
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -65,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         default_maximum_retries=args.default_maximum_retries,
+        precondition_retries=args.precondition_retries,
     )
     service.start()
 

@@ -17,8 +17,10 @@ from typing import Any
 # types (data nodes, resources, schedules, ...) are accepted and kept as
 # plain objects that tasks may reference.
 ACTIVITY_TYPES = frozenset({"ShellCommandActivity"})
-PRECONDITION_TYPES = frozenset({"ShellCommandPrecondition"})
-RUNNABLE_TYPES = ACTIVITY_TYPES | PRECONDITION_TYPES
+# Exists is user-managed: its check runs on the runner, against the runtime ``node``.
+PRECONDITION_TYPES = frozenset({"ShellCommandPrecondition", "Exists"})
+# The types that run a user's command or script.
+RUNNABLE_TYPES = ACTIVITY_TYPES | {"ShellCommandPrecondition"}
 
 DEFAULT_OBJECT_ID = "Default"
 

@@ -46,6 +46,7 @@ DEFAULT_RETRY_DELAY = 10 * 60.0
 DEFAULT_MAXIMUM_RETRIES = 2
 MAX_IDS_PER_CALL = 25
 LIST_PAGE = 100
+PRECONDITION_RETRIES = frozenset({"runner", "service"})
 
 TERMINAL = frozenset({"FINISHED", "FAILED", "CANCELED", "CASCADE_FAILED", "TIMEDOUT"})
 _FAILED_LIKE = frozenset({"FAILED", "CASCADE_FAILED", "TIMEDOUT"})
@@ -98,6 +99,8 @@ class Instance:
     actual_start: float | None = None
     actual_end: float | None = None
     cascade_on: str | None = None
+    #: A precondition's runtime `node`: the data node it is attached to, if any.
+    node: str | None = None
 
     @property
     def head(self) -> Attempt | None:
@@ -138,9 +141,15 @@ class Engine:
         time_scale: float = 1.0,
         default_maximum_retries: int = DEFAULT_MAXIMUM_RETRIES,
         state_file: str | os.PathLike[str] | None = None,
+        precondition_retries: str = "runner",
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
+        if precondition_retries not in PRECONDITION_RETRIES:
+            raise ValueError(f"precondition_retries must be one of {sorted(PRECONDITION_RETRIES)}")
+        #: "runner": the runner re-checks within one attempt and FALSE is final (the
+        #: developer guide's reading); "service": FALSE is re-scheduled after retryDelay.
+        self.precondition_retries = precondition_retries
         self.ledger = ledger
         self.time_scale = time_scale
         self.default_maximum_retries = default_maximum_retries
@@ -367,26 +376,44 @@ class Engine:
                 continue
             inst = Instance(f"@{comp}_{stamp}", p, comp, "activity", scheduled, wg, now)
             by_component[comp] = inst
+
+        def guarded_by(activity: str) -> list[str]:
+            # An activity waits for its own preconditions and for those of the data nodes
+            # it reads (a data node's precondition, e.g. Exists, says its data is there).
+            own = list(defn.all_values(activity, "precondition"))
+            for node in defn.all_values(activity, "input"):
+                if node in defn.objects:
+                    own += [c for c in defn.all_values(node, "precondition") if c not in own]
+            return own
+
         for comp in defn.objects:
             if defn.type_of(comp) not in PRECONDITION_TYPES:
                 continue
             wg = defn.first(comp, "workerGroup")
             if wg is None:
                 # A precondition runs where the activity it guards runs.
-                users = [a for a in activities if comp in defn.all_values(a, "precondition")]
+                users = [a for a in activities if comp in guarded_by(a)]
                 wg = next((w for a in users if (w := defn.first(a, "workerGroup")) is not None), None)
             if wg is None:
                 continue
-            by_component[comp] = Instance(f"@{comp}_{stamp}", p, comp, "precondition", scheduled, wg, now)
+            inst = Instance(f"@{comp}_{stamp}", p, comp, "precondition", scheduled, wg, now)
+            # The runtime 'node': the first data node this precondition is attached to.
+            inst.node = next(
+                (
+                    o
+                    for o in defn.objects
+                    if comp in defn.all_values(o, "precondition") and defn.type_of(o) not in ACTIVITY_TYPES
+                ),
+                None,
+            )
+            by_component[comp] = inst
         for comp, inst in by_component.items():
             if inst.kind != "activity":
                 continue
             inst.depends_on = [
                 by_component[d].id for d in defn.all_values(comp, "dependsOn") if d in by_component
             ]
-            inst.preconditions = [
-                by_component[c].id for c in defn.all_values(comp, "precondition") if c in by_component
-            ]
+            inst.preconditions = [by_component[c].id for c in guarded_by(comp) if c in by_component]
         p.instances = {inst.id: inst for inst in by_component.values()}
         self._advance(p)
 
@@ -518,6 +545,10 @@ class Engine:
             for ref in defn.all_values(inst.component_id, key):
                 if ref in defn.objects:
                     objects[ref] = self._component_object(inst.pipeline, ref, evaluated=True)
+        # And the data node a precondition checks (its runtime 'node'); a guess at what
+        # the real service sends, documented in docs/local-datapipeline.md.
+        if inst.node is not None and inst.node in defn.objects:
+            objects[inst.node] = self._component_object(inst.pipeline, inst.node, evaluated=True)
         return {"taskId": a.task_id, "pipelineId": inst.pipeline.id, "attemptId": a.id, "objects": objects}
 
     def _attempt_for_task(self, task_id: str) -> Attempt:
@@ -608,9 +639,14 @@ class Engine:
         if status == "FINISHED":
             inst.status, inst.actual_end = "FINISHED", time.time()
             return
+        if status == "FALSE" and inst.kind == "precondition" and self.precondition_retries == "runner":
+            # The runner checked until preconditionTimeout (the developer guide: "retry
+            # logic for preconditions happens in Task Runner"): FALSE is the final answer.
+            inst.status, inst.actual_end = "TIMEDOUT", time.time()
+            return
         if status == "FALSE" and inst.kind == "precondition":
-            # A check that did not hold is retried until preconditionTimeout,
-            # and does not use up maximumRetries.
+            # --precondition-retries service: a check that did not hold is retried until
+            # preconditionTimeout, and does not use up maximumRetries.
             inst.tries -= 1
             delay = self._duration_field(inst, "retryDelay", DEFAULT_RETRY_DELAY) or 0.0
             self._new_attempt(inst, self.scaled(delay))
@@ -674,6 +710,10 @@ class Engine:
                 for inst in p.instances.values():
                     if inst.kind != "precondition" or inst.status in TERMINAL:
                         continue
+                    if self.precondition_retries == "runner" and any(
+                        a.status == "RUNNING" for a in inst.attempts
+                    ):
+                        continue  # the runner enforces the timeout of the check it runs
                     timeout = self._duration_field(inst, "preconditionTimeout", None)
                     if timeout is not None and now - inst.started >= self.scaled(timeout):
                         self._cancel_instance(inst, "preconditionTimeout")
@@ -813,6 +853,8 @@ class Engine:
             Field("@pipelineId", inst.pipeline.id),
             Field("@attemptNumber", str(a.number)),
         ]
+        if inst.node is not None:
+            fields.append(Field("node", inst.node, True))
         if a.actual_start is not None:
             fields.append(Field("@actualStartTime", _iso(a.actual_start) or ""))
         if a.hostname is not None:

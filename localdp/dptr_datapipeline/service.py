@@ -47,10 +47,17 @@ class LocalDataPipeline:
         record_requests: bool = True,
         sts_endpoint: str | None = None,
         worker_group_policy: Mapping[str, Sequence[str]] | None = None,
+        precondition_retries: str = "runner",
     ) -> None:
         self.host, self.port = host, port
         self.ledger = Ledger()
-        self.engine = Engine(self.ledger, time_scale, default_maximum_retries, state_file)
+        self.engine = Engine(
+            self.ledger,
+            time_scale,
+            default_maximum_retries,
+            state_file,
+            precondition_retries=precondition_retries,
+        )
         keys = (
             dict(access_keys)
             if access_keys is not None

@@ -20,13 +20,15 @@ from dptr_common.datapipeline import DataPipelineClient
 
 from .config import ConfigError, SidecarConfig
 
-USAGE = """usage: dptr-sidecar [run | fetch-script | stage-in]
+USAGE = """usage: dptr-sidecar [run | fetch-script | stage-in | check-exists]
 
   run           (default) heartbeat the task, honour cancels, upload staged outputs and
                 logs, report the task's exit
   fetch-script  download $DPTR_SCRIPT_URI (s3://bucket/key) to $DPTR_SCRIPT_PATH, mode 0755
   stage-in      download the inputs of $DPTR_STAGING_PLAN into $DPTR_STAGING_ROOT/inputN
                 and create the output directories
+  check-exists  the Exists precondition: check $DPTR_EXISTS_URI every
+                $DPTR_CHECK_RETRY_DELAY seconds until it exists or the deadline passes
 
 Configured through environment variables only; see docs/sidecar.md.
 """
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from .staging import stage_in_main
 
         return stage_in_main(args[1:])
+    if command == "check-exists":
+        from .preconditions import check_exists_main
+
+        return check_exists_main(args[1:])
     print(f"dptr-sidecar: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

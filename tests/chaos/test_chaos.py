@@ -165,13 +165,11 @@ def build_activities(rng: random.Random, n: int) -> list[Activity]:
             cmd = f"echo {name} failing >&2; sleep {pause}; exit {code}"
             out.append(Activity(name, kind, _shell(cmd), "FAILED", f"dptr.ExitCode.{code}"))
         elif kind == "false":
-            # A precondition that does not hold: FALSE, re-checked only after 2 h (scaled:
-            # 12 min), i.e. not within this test.
+            # A precondition that does not hold: without a preconditionTimeout the runner
+            # checks once, so its one attempt is FALSE.
             fields = {
                 "type": "ShellCommandPrecondition",
                 "command": f"sleep {pause}; test -e /nonexistent/{name}",
-                "retryDelay": "120 minutes",
-                "preconditionTimeout": "240 minutes",
             }
             out.append(Activity(name, kind, fields, "FALSE"))
         elif kind == "cancel":

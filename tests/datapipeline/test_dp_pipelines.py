@@ -12,6 +12,8 @@ from dp_helpers import DEVELOPER_GUIDE_DEFINITION, field, status_of
 from dptr_datapipeline import LocalDataPipeline, definition_file_to_api
 from dptr_testbed.waiting import wait_for
 
+SCALE = 0.01
+
 
 def _create(dp: Any, name: str = "p") -> str:
     return str(dp.create_pipeline(name=name, uniqueId=f"{name}-{time.monotonic_ns()}")["pipelineId"])
@@ -163,7 +165,62 @@ def _guarded(timeout: str | None = None) -> dict[str, Any]:
     }
 
 
-def test_activity_waits_for_its_precondition(svc: LocalDataPipeline, dp: Any) -> None:
+@pytest.fixture
+def service_retries() -> Any:
+    """A service that re-schedules a FALSE check itself (--precondition-retries service)."""
+    with LocalDataPipeline(time_scale=SCALE, quotas=False, precondition_retries="service") as service:
+        yield service, service.client(retries={"total_max_attempts": 1})
+
+
+def test_false_is_final_when_the_runner_retries(svc: LocalDataPipeline, dp: Any) -> None:
+    # The default, the developer guide's reading: the runner re-checked until
+    # preconditionTimeout, so FALSE times the precondition out and cancels what it guards.
+    pipeline_id = svc.run_pipeline(_guarded(timeout="1 hours"), worker_group="wg-final")
+    check = dp.poll_for_task(workerGroup="wg-final")["taskObject"]
+    dp.set_task_status(taskId=check["taskId"], taskStatus="FALSE")
+    ready_instance = check["attemptId"].removesuffix("_Attempt=1")
+    work_instance = ready_instance.replace("@Ready_", "@Work_")
+    assert status_of(dp, pipeline_id, ready_instance) == "TIMEDOUT"
+    assert status_of(dp, pipeline_id, work_instance) == "CANCELED"
+    assert "taskObject" not in dp.poll_for_task(workerGroup="wg-final")
+    assert svc.ledger.outcomes() == {check["attemptId"]: "FALSE"}
+
+
+def test_the_service_does_not_time_out_a_check_the_runner_is_running(svc: LocalDataPipeline, dp: Any) -> None:
+    # preconditionTimeout 1 minute is 0.6 s here; the runner is still checking at 1.5 s.
+    pipeline_id = svc.run_pipeline(_guarded(timeout="1 minutes"), worker_group="wg-running")
+    check = dp.poll_for_task(workerGroup="wg-running")["taskObject"]
+    dp.report_task_progress(taskId=check["taskId"])
+    time.sleep(1.5)
+    assert dp.report_task_progress(taskId=check["taskId"])["canceled"] is False
+    dp.set_task_status(taskId=check["taskId"], taskStatus="FINISHED")
+    work = dp.poll_for_task(workerGroup="wg-running")["taskObject"]
+    assert work["attemptId"].startswith("@Work_")
+    assert status_of(dp, pipeline_id, check["attemptId"].removesuffix("_Attempt=1")) == "FINISHED"
+
+
+def test_exists_on_a_data_node_is_sent_with_its_node(svc: LocalDataPipeline, dp: Any) -> None:
+    svc.run_pipeline(
+        {
+            "Ready": {"type": "Exists", "preconditionTimeout": "1 hours"},
+            "In": {"type": "S3DataNode", "filePath": "s3://b/in.csv", "precondition": {"ref": "Ready"}},
+            "Work": {"type": "ShellCommandActivity", "command": "true", "input": {"ref": "In"}},
+        },
+        worker_group="wg-exists",
+    )
+    check = dp.poll_for_task(workerGroup="wg-exists")["taskObject"]
+    attempt = check["objects"][check["attemptId"]]
+    assert field(attempt, "type") == "Exists"
+    assert next(f["refValue"] for f in attempt["fields"] if f["key"] == "node") == "In"
+    assert field(check["objects"]["In"], "filePath") == "s3://b/in.csv"
+    # The activity reading the node waits for the node's precondition.
+    assert "taskObject" not in dp.poll_for_task(workerGroup="wg-exists")
+    dp.set_task_status(taskId=check["taskId"], taskStatus="FINISHED")
+    assert dp.poll_for_task(workerGroup="wg-exists")["taskObject"]["attemptId"].startswith("@Work_")
+
+
+def test_activity_waits_for_its_precondition(service_retries: Any) -> None:
+    svc, dp = service_retries
     pipeline_id = svc.run_pipeline(_guarded(), worker_group="wg-pre")
     check = dp.poll_for_task(workerGroup="wg-pre")["taskObject"]
     assert field(check["objects"][check["attemptId"]], "type") == "ShellCommandPrecondition"
@@ -181,7 +238,8 @@ def test_activity_waits_for_its_precondition(svc: LocalDataPipeline, dp: Any) ->
     assert svc.ledger.outcomes()[check["attemptId"]] == "FALSE"
 
 
-def test_precondition_timeout_cancels_the_activity(svc: LocalDataPipeline, dp: Any) -> None:
+def test_precondition_timeout_cancels_the_activity(service_retries: Any) -> None:
+    svc, dp = service_retries
     pipeline_id = svc.run_pipeline(_guarded(timeout="1 minutes"), worker_group="wg-pretime")
     check = dp.poll_for_task(workerGroup="wg-pretime")["taskObject"]
     dp.set_task_status(taskId=check["taskId"], taskStatus="FALSE")

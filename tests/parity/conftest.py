@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from parity_helpers import ParityS3
+from parity_helpers import WORKER_GROUP, ParityS3
+
+from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.installs import sidecar_rbac
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
 
 @pytest.fixture
 def parity_s3(s3_endpoint: str, s3_env: dict[str, str], s3_raw: Any, s3_bucket: str) -> ParityS3:
     """The suite's moto S3 fixtures in one: endpoint, process env, boto3 client, a fresh bucket."""
     return ParityS3(endpoint=s3_endpoint, env=s3_env, raw=s3_raw, bucket=s3_bucket)
+
+
+@pytest.fixture
+def node_cluster(crds: RunningTestbed, namespace: str) -> Cluster:
+    """The test's namespace with the sidecar's RBAC, from the chart's single source."""
+    cluster = Cluster(crds, namespace)
+    for obj in sidecar_rbac(namespace):
+        cluster.apply(obj)
+    return cluster
+
+
+@pytest.fixture
+def parity_runner(
+    node_cluster: Cluster, datapipeline: LocalDataPipeline, s3_endpoint: str, tmp_path: Path
+) -> Iterator[Cluster]:
+    """The real operator serving a TaskRunner (worker group WORKER_GROUP) whose pods use moto's S3."""
+    # The sidecar reports; the operator's fallback waits 60 s (scaled) before it would
+    # (a loaded CI machine has taken over 10 s from exit to report).
+    extra = [*QUIET_GRACES, "--sidecar-report-grace-seconds", "6000"]
+    op = OperatorProcess(node_cluster.testbed, node_cluster.namespace, tmp_path, extra).start()
+    try:
+        node_cluster.create_runner(
+            datapipeline, WORKER_GROUP, s3EndpointUrl=s3_endpoint, jobTemplate={"image": "debian:bookworm"}
+        )
+        yield node_cluster
+    finally:
+        op.stop()
+        sys.stdout.write(f"\n----- operator log -----\n{op.logs()[-8000:]}\n")

@@ -11,6 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from dptr_testbed.kubelet.spec import expand
+from dptr_testbed.waiting import wait_for
+
+#: The worker group of the parity_runner fixture's TaskRunner.
+WORKER_GROUP = "wg-parity-e2e"
+
+
+def outcomes(dp: Any, *object_ids: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The (last) attempt record of each object once it has its outcome."""
+
+    def done() -> dict[str, Any] | None:
+        records = {r.object_id: r for r in dp.ledger.attempts.values() if r.object_id in object_ids}
+        if set(records) == set(object_ids) and all(r.outcome for r in records.values()):
+            return records
+        return None
+
+    records: dict[str, Any] = wait_for(done, timeout=timeout, interval=0.2, what=f"outcomes of {object_ids}")
+    return records
 
 
 def read_object(s3_raw: Any, bucket: str, key: str) -> bytes:

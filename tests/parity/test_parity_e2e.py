@@ -11,25 +11,21 @@ one the real sidecar reported with SetTaskStatus; objects in S3 are checked byte
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from parity_helpers import keys_under, read_gzip_object, read_object
+from parity_helpers import WORKER_GROUP, keys_under, read_gzip_object, read_object
+from parity_helpers import outcomes as _outcomes
 
 from dptr_datapipeline import LocalDataPipeline
-from dptr_testbed.controlplane import RunningTestbed
-from dptr_testbed.installs import sidecar_rbac
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
+from op_helpers import Cluster
 
 from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-
-WORKER_GROUP = "wg-parity-e2e"
 
 SCRIPT = b"""#!/bin/sh
 i=0
@@ -44,47 +40,6 @@ TRANSFORM = (
     'echo "transformed $(wc -c < "${INPUT1_STAGING_DIR}/data.bin") bytes"; echo "a warning" >&2'
 )
 BROKEN = 'echo partial > "$OUTPUT1_STAGING_DIR/partial"; echo out; echo "it broke" >&2; exit 3'
-
-
-@pytest.fixture
-def node_cluster(crds: RunningTestbed, namespace: str) -> Cluster:
-    """The test's namespace with the sidecar's RBAC, from the chart's single source."""
-    cluster = Cluster(crds, namespace)
-    for obj in sidecar_rbac(namespace):
-        cluster.apply(obj)
-    return cluster
-
-
-@pytest.fixture
-def parity_runner(
-    node_cluster: Cluster, datapipeline: LocalDataPipeline, s3_endpoint: str, tmp_path: Path
-) -> Iterator[Cluster]:
-    """The real operator serving a TaskRunner whose pods use moto's S3."""
-    # The sidecar reports; the operator's fallback waits 60 s (scaled) before it would
-    # (a loaded CI machine has taken over 10 s from exit to report).
-    extra = [*QUIET_GRACES, "--sidecar-report-grace-seconds", "6000"]
-    op = OperatorProcess(node_cluster.testbed, node_cluster.namespace, tmp_path, extra).start()
-    try:
-        node_cluster.create_runner(
-            datapipeline, WORKER_GROUP, s3EndpointUrl=s3_endpoint, jobTemplate={"image": "debian:bookworm"}
-        )
-        yield node_cluster
-    finally:
-        op.stop()
-        sys.stdout.write(f"\n----- operator log -----\n{op.logs()[-8000:]}\n")
-
-
-def _outcomes(dp: LocalDataPipeline, *object_ids: str, timeout: float = 60.0) -> dict[str, Any]:
-    """The attempt record of each object once it has its outcome."""
-
-    def done() -> dict[str, Any] | None:
-        records = {r.object_id: r for r in dp.ledger.attempts.values() if r.object_id in object_ids}
-        if set(records) == set(object_ids) and all(r.outcome for r in records.values()):
-            return records
-        return None
-
-    records: dict[str, Any] = wait_for(done, timeout=timeout, interval=0.2, what=f"outcomes of {object_ids}")
-    return records
 
 
 def _log_prefix(record: Any, base: str) -> str:

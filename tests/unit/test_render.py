@@ -24,6 +24,7 @@ from dptr_common.render import (
     TOKEN_MOUNT_PATH,
     render_job,
 )
+from dptr_common.render_preconditions import CHECK_LOOP
 from dptr_common.render_staging import TEE_WRAPPER
 from dptr_common.task import Task, TaskError, parse_task
 
@@ -203,7 +204,11 @@ def test_precondition_renders_like_an_activity() -> None:
         ],
     )
     job = _render(parse_task(obj))
-    assert _containers(job)[TASK_CONTAINER]["command"] == ["/bin/sh", "-c", "test -e /x", "dptr-task"]
+    argv = _containers(job)[TASK_CONTAINER]["command"]
+    # The check runs under the retry loop, with the same argv an activity would get.
+    assert argv[:2] == ["/bin/sh", "-c"] and argv[3] == "dptr-check"
+    assert argv[2] == CHECK_LOOP
+    assert argv[4:] == ["/bin/sh", "-c", "test -e /x", "dptr-task"]
     assert _env(_containers(job)[SIDECAR_CONTAINER])["DPTR_OBJECT_TYPE"] == "ShellCommandPrecondition"
 
 
