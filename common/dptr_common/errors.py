@@ -289,12 +289,20 @@ def outcome_for_termination(termination: ContainerTermination, object_type: str 
             error_id("Signal", name),
             _with_detail(f"the task container was killed by {name} (exit code {code})", message),
         )
-    if object_type == "Exists" and code in (1, 2):
-        # dptr's own check (dptr_sidecar.preconditions): 1 = does not hold, 2 = could not
-        # check; its termination message names why.  A user's check never gets here.
+    if object_type == "Exists":
+        # dptr's own check (dptr_sidecar.preconditions): only its "not found" after the
+        # timeout is FALSE; anything else means it could not check (FAILED), e.g. an
+        # older sidecarImage without check-exists, or a crash.
         parsed = _parse_own_message(message)
-        if parsed is not None:
-            return Outcome("FALSE" if code == 1 else "FAILED", parsed[0], parsed[1])
+        if code == 1 and parsed is not None and parsed[0] == "dptr.Exists.NotFound":
+            return Outcome("FALSE", parsed[0], parsed[1])
+        if parsed is not None and parsed[0] != "dptr.Exists.NotFound":
+            return Outcome("FAILED", parsed[0], parsed[1])
+        return Outcome(
+            "FAILED",
+            "dptr.Exists.CheckDidNotRun",
+            _with_detail(f"the Exists check exited with code {code}", message),
+        )
     summary = f"the task container exited with code {code}"
     if code in _EXIT_HINTS:
         summary += f" ({_EXIT_HINTS[code]})"

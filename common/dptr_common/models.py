@@ -180,6 +180,30 @@ class JobTemplate(CamelModel):
     termination_grace_period_seconds: int | None = Field(default=None, ge=5, le=86400)
     pod_security_context: dict[str, Any] | None = None
     container_security_context: dict[str, Any] | None = None
+    #: Volumes of the task pods (core/v1 Volume) and where the task container mounts them
+    #: (core/v1 VolumeMount): e.g. a PersistentVolumeClaim that local ``stdout`` paths and
+    #: the task's own files outlive the pod on.  dptr's containers never mount them.
+    volumes: list[dict[str, Any]] = []
+    volume_mounts: list[dict[str, Any]] = []
+
+    @model_validator(mode="after")
+    def _volumes_stay_clear_of_dptrs(self) -> Self:
+        names = [str(v.get("name") or "") for v in self.volumes]
+        for name in names:
+            if not name or name.startswith("dptr-"):
+                raise ValueError(f"jobTemplate.volumes: name {name!r} must be set and not start with 'dptr-'")
+        for mount in self.volume_mounts:
+            name, path = str(mount.get("name") or ""), str(mount.get("mountPath") or "")
+            if name not in names:
+                raise ValueError(f"jobTemplate.volumeMounts: {name!r} is not one of jobTemplate.volumes")
+            clean = "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
+            if not path.startswith("/") or ".." in path.split("/") or clean == "/":
+                raise ValueError(
+                    f"jobTemplate.volumeMounts: mountPath {path!r} must be an absolute path below /"
+                )
+            if clean == "/dptr" or clean.startswith("/dptr/") or clean.startswith("/var/run/secrets"):
+                raise ValueError(f"jobTemplate.volumeMounts: mountPath {path!r} is reserved for dptr")
+        return self
 
 
 class ImagePolicy(CamelModel):
@@ -276,6 +300,9 @@ class TaskRunnerSpec(CamelModel):
     history_limits: HistoryLimits = Field(default_factory=HistoryLimits)
     sidecar_image: str | None = None
     task_io: TaskIOLimits = Field(default_factory=TaskIOLimits, alias="taskIO")
+    #: The official runner's ``--taskrunnerId``; unset, the operator keeps a generated one
+    #: in the status, stable across restarts.
+    taskrunner_id: str | None = Field(default=None, min_length=1, max_length=1024, alias="taskrunnerId")
 
     @field_validator("worker_group")
     @classmethod

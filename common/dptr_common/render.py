@@ -382,7 +382,10 @@ def render_job(
         pod["terminationGracePeriodSeconds"] = runner.spec.job_template.termination_grace_period_seconds
     elif wants_task_io(job):
         pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS + UPLOAD_GRACE_SECONDS
-    for container in pod["initContainers"]:
+    ours = list(pod["initContainers"])
+    if task.object_type == EXISTS_PRECONDITION:
+        ours += pod["containers"]  # dptr's own check, e.g. AWS_ENDPOINT_URL_STS for its role
+    for container in ours:
         set_env(container, [_env(name, value) for name, value in (sidecar_env or {}).items()])
     check_job(job)
     return job
@@ -459,6 +462,7 @@ def render_base_job(
             task,
             sidecar,
             region=runner.spec.region,
+            endpoint_url=runner.spec.endpoint_url,
             s3_endpoint_url=runner.spec.s3_endpoint_url,
             timing=timing,
         )
@@ -480,13 +484,19 @@ def render_base_job(
             task_container["imagePullPolicy"] = template.image_pull_policy
         if template.resources:
             task_container["resources"] = template.resources
+        if template.volume_mounts:
+            task_container["volumeMounts"] = [dict(m) for m in template.volume_mounts]
 
     init_containers = [sidecar]
     volumes = [_token_volume(), {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}]
     if task.script_uri and not exists:
         init_containers.append(_fetcher(task, runner, sidecar_image))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
-        task_container["volumeMounts"] = [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True}]
+        task_container["volumeMounts"] = [
+            *task_container.get("volumeMounts", []),
+            {"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True},
+        ]
+    volumes += [dict(v) for v in template.volumes]
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -11,8 +11,8 @@ heartbeats the whole time, and a cancel deletes the Job, which ends the loop.
 ``ShellCommandPrecondition``
     The user's check runs under :data:`CHECK_LOOP`, a POSIX ``sh`` loop in the task
     container (``sh``, ``sleep`` and ``date +%s``; without a usable ``date`` it counts
-    the time it slept).  Exit 0 ends it (holds); an exit of 128 or more (a signal) ends
-    it too, so a killed check stays FAILED; any other exit is checked again until the
+    the time it slept).  Exit 0 ends it (holds); an exit of 129-192 (a signal) ends it
+    too, so a killed check stays FAILED; any other exit is checked again until the
     deadline, then returned (FALSE).
 ``Exists``
     dptr's own check (``dptr-sidecar check-exists``, :mod:`dptr_sidecar.preconditions`)
@@ -39,7 +39,7 @@ from dptr_common.awsauth import AssumedRole
 from dptr_common.errors import TaskError
 from dptr_common.podspec import CREDENTIAL_VARS, TASK_CONTAINER, command
 from dptr_common.podspec import env as _env
-from dptr_common.staging_plan import data_node_location
+from dptr_common.staging_plan import DataNodeLocation, as_pipeline_object, data_node_location
 from dptr_common.task import EXISTS_PRECONDITION, Task
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "CheckTiming",
     "check_timing",
     "exists_container",
+    "exists_location",
     "wrap_check",
 ]
 
@@ -61,7 +62,12 @@ CHECK_LOOP = r"""delay="${DPTR_CHECK_RETRY_DELAY:-600}"
 left="${DPTR_CHECK_BUDGET:-0}"
 deadline="${DPTR_CHECK_DEADLINE:-}"
 now=$(date +%s 2>/dev/null)
-case "$now" in ''|*[!0-9]*) now= deadline= ;; *) [ -n "$deadline" ] || deadline=$((now + left)) ;; esac
+case "$now" in
+  ''|*[!0-9]*) now= deadline= ;;
+  # Never later than the budget from now: a start time from a skewed clock cannot
+  # stretch the wait past preconditionTimeout.
+  *) if [ -z "$deadline" ] || [ "$deadline" -gt $((now + left)) ]; then deadline=$((now + left)); fi ;;
+esac
 child=
 trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 143' TERM INT HUP
 while :; do
@@ -70,7 +76,8 @@ while :; do
   wait "$child"
   rc=$?
   child=
-  if [ "$rc" -eq 0 ] || [ "$rc" -ge 128 ]; then exit "$rc"; fi
+  # Holds, or killed by a signal (129-192, as dptr_common.errors reads them): no retry.
+  if [ "$rc" -eq 0 ] || { [ "$rc" -gt 128 ] && [ "$rc" -le 192 ]; }; then exit "$rc"; fi
   if [ -n "$deadline" ]; then
     now=$(date +%s 2>/dev/null)
     case "$now" in ''|*[!0-9]*) now=$deadline ;; esac
@@ -136,13 +143,40 @@ def wrap_check(argv: list[str]) -> list[str]:
     return ["/bin/sh", "-c", CHECK_LOOP, _LOOP_NAME, *argv]
 
 
+def exists_location(node_id: str, node: Any) -> DataNodeLocation:
+    """Where an Exists precondition looks (``node`` a parsed or raw API object); raises
+    TaskError for a data node dptr cannot check."""
+    try:
+        location = data_node_location(node)
+    except TaskError as exc:
+        raise TaskError(
+            exc.error_id.replace("dptr.StagingFailed.", "dptr.InvalidTask.Exists."), exc.message
+        ) from None
+    if location is None:
+        node_type = as_pipeline_object(node).first("type") or "untyped"
+        later = " (SQL data nodes are not supported yet)" if node_type == "SqlDataNode" else ""
+        raise TaskError(
+            f"dptr.PreconditionNotSupported.Exists.{node_type}"[:200],
+            f"dptr checks Exists for S3DataNode only; {node_id!r} is a {node_type}{later}",
+        )
+    return location
+
+
 def exists_container(
-    task: Task, sidecar: dict[str, Any], *, region: str, s3_endpoint_url: str | None, timing: CheckTiming
+    task: Task,
+    sidecar: dict[str, Any],
+    *,
+    region: str,
+    endpoint_url: str | None,
+    s3_endpoint_url: str | None,
+    timing: CheckTiming,
 ) -> dict[str, Any]:
     """The task container of an ``Exists`` precondition: dptr's check of its data node.
 
-    Raises TaskError for a precondition dptr cannot check: no ``node``, a node the task
-    did not carry, or a data node type other than S3DataNode.
+    A node the task did not carry (the service left it out, or the task was rebuilt from
+    its PipelineTask, which keeps no ``objects``) is looked up by the check itself, with
+    DescribeObjects.  Raises TaskError for a precondition dptr cannot check: no ``node``,
+    or a carried data node of a type other than S3DataNode.
     """
     if task.object_type != EXISTS_PRECONDITION:
         raise ValueError(f"not an Exists precondition: {task.object_type}")
@@ -152,32 +186,21 @@ def exists_container(
             "the Exists precondition has no 'node': it must be the precondition of a data node",
         )
     node = task.objects.get(task.node)
-    if node is None:
-        raise TaskError(
-            "dptr.InvalidTask.Exists.NodeNotInTask",
-            f"the data node {task.node!r} the Exists precondition checks was not sent with the task",
-        )
-    node_type = node.first("type") or "untyped"
-    try:
-        location = data_node_location(node)
-    except TaskError as exc:
-        raise TaskError(
-            exc.error_id.replace("dptr.StagingFailed.", "dptr.InvalidTask.Exists."), exc.message
-        ) from None
-    if location is None:
-        later = " (SQL data nodes are not supported yet)" if node_type == "SqlDataNode" else ""
-        raise TaskError(
-            f"dptr.PreconditionNotSupported.Exists.{node_type}"[:200],
-            f"dptr checks Exists for S3DataNode only; {task.node!r} is a {node_type}{later}",
-        )
+    where: list[dict[str, Any]]
+    if node is not None:
+        location = exists_location(task.node, node)
+        where = [_env("DPTR_EXISTS_URI", location.uri), _env("DPTR_EXISTS_KIND", location.kind)]
+    else:
+        where = [_env("DPTR_PIPELINE_ID", task.pipeline_id)]
+        if endpoint_url:
+            where.append(_env("DPTR_ENDPOINT_URL", endpoint_url))
     # The sidecar's AWS identity (its keys, and the TaskRunner's role on top): this
     # container runs dptr's code only, like dptr-stage-in.
     identity = CREDENTIAL_VARS | set(AssumedRole.ENV)
     credentials = copy.deepcopy([e for e in sidecar.get("env", []) if e.get("name") in identity])
     env = [
         _env("DPTR_EXISTS_NODE", task.node),
-        _env("DPTR_EXISTS_URI", location.uri),
-        _env("DPTR_EXISTS_KIND", location.kind),
+        *where,
         _env("DPTR_REGION", region),
         _env("AWS_REGION", region),
         *timing.env(),

@@ -42,7 +42,7 @@ from dptr_common.podspec import (
 )
 from dptr_common.podspec import env as _env
 from dptr_common.staging_plan import STAGING_ROOT, StagingPlan, plan_staging, substitute_staging_references
-from dptr_common.task import Task
+from dptr_common.task import Task, is_s3_path
 
 __all__ = [
     "LOG_DIR",
@@ -66,15 +66,29 @@ _WRAPPER_NAME = "dptr-capture"
 #: only.  Without tee or mkfifo it runs the command uncaptured and leaves .nocapture.
 TEE_WRAPPER = r"""d="${DPTR_LOG_DIR:-/dptr/logs}"
 out= err=
+# A local stdout/stderr path (DPTR_STDOUT_PATH, DPTR_STDERR_PATH) is appended to as well;
+# one that cannot be written is named in .<stream>-path-error for the sidecar to report.
+keep_path() {
+  [ -n "$2" ] || return 0
+  case "$2" in
+    /*) if ( : >>"$2" ) 2>/dev/null; then eval "$1=\$2"; else echo "cannot append to $2 in the task container" >"$d/.$1-path-error"; fi ;;
+    *) echo "$2 is not an absolute path" >"$d/.$1-path-error" ;;
+  esac
+}
+stdout= stderr=
 if command -v mkfifo >/dev/null 2>&1 && command -v tee >/dev/null 2>&1 \
   && mkfifo "$d/.stdout.fifo" "$d/.stderr.fifo" 2>/dev/null; then
-  tee "$d/stdout" <"$d/.stdout.fifo" &
+  keep_path stdout "${DPTR_STDOUT_PATH:-}"
+  keep_path stderr "${DPTR_STDERR_PATH:-}"
+  tee -a "$d/stdout" ${stdout:+"$stdout"} <"$d/.stdout.fifo" &
   out=$!
-  tee "$d/stderr" <"$d/.stderr.fifo" >&2 &
+  tee -a "$d/stderr" ${stderr:+"$stderr"} <"$d/.stderr.fifo" >&2 &
   err=$!
   "$@" >"$d/.stdout.fifo" 2>"$d/.stderr.fifo" &
 else
   : >"$d/.nocapture" 2>/dev/null
+  [ -z "${DPTR_STDOUT_PATH:-}" ] || echo "not written to $DPTR_STDOUT_PATH: the image has no tee or mkfifo" >"$d/.stdout-path-error"
+  [ -z "${DPTR_STDERR_PATH:-}" ] || echo "not written to $DPTR_STDERR_PATH: the image has no tee or mkfifo" >"$d/.stderr-path-error"
   "$@" &
 fi
 child=$!
@@ -92,6 +106,12 @@ def _mount(container: dict[str, Any], volume: str, path: str, *, read_only: bool
     container["volumeMounts"] = [*mounts, {"name": volume, "mountPath": path, "readOnly": read_only}]
 
 
+def local_log_paths(task: Task) -> dict[str, str]:
+    """``DPTR_STDOUT_PATH`` / ``DPTR_STDERR_PATH``: the local stdout/stderr paths, if any."""
+    values = {"DPTR_STDOUT_PATH": task.stdout, "DPTR_STDERR_PATH": task.stderr}
+    return {k: v for k, v in values.items() if v and not is_s3_path(v)}
+
+
 def log_env(task: Task) -> dict[str, str]:
     """The sidecar's log destinations (read back by ``dptr_sidecar.logs.LogTargets.from_env``)."""
     values = {
@@ -100,8 +120,9 @@ def log_env(task: Task) -> dict[str, str]:
         "DPTR_COMPONENT_ID": task.component_id,
         "DPTR_INSTANCE_ID": task.instance_id,
         "DPTR_PIPELINE_LOG_URI": task.attempt.first("pipelineLogUri"),
-        "DPTR_STDOUT_URI": task.stdout,
-        "DPTR_STDERR_URI": task.stderr,
+        "DPTR_STDOUT_URI": task.stdout if is_s3_path(task.stdout) else None,
+        "DPTR_STDERR_URI": task.stderr if is_s3_path(task.stderr) else None,
+        **local_log_paths(task),
     }
     return {k: v for k, v in values.items() if v}
 
@@ -190,7 +211,9 @@ def render_staging(job: dict[str, Any], task: Task, runner: TaskRunner) -> dict[
     if wants_logs:
         volumes.append({"name": LOG_VOLUME, "emptyDir": {}})
         main["command"] = [*command(["/bin/sh", "-c", TEE_WRAPPER, _WRAPPER_NAME]), *main["command"]]
-        set_env(main, [_env("DPTR_LOG_DIR", LOG_DIR)])
+        set_env(
+            main, [_env("DPTR_LOG_DIR", LOG_DIR), *(_env(k, v) for k, v in local_log_paths(task).items())]
+        )
         _mount(main, LOG_VOLUME, LOG_DIR, read_only=False)
         _mount(sidecar, LOG_VOLUME, LOG_DIR, read_only=True)
         sidecar_env += [

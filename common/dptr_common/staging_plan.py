@@ -30,6 +30,7 @@ __all__ = [
     "DataNodeLocation",
     "StagedNode",
     "StagingPlan",
+    "as_pipeline_object",
     "data_node_location",
     "plan_staging",
     "substitute_staging_references",
@@ -123,7 +124,8 @@ class StagingPlan:
             raise TaskError("dptr.StagingFailed.BadPlan", f"DPTR_STAGING_PLAN is malformed: {exc}") from exc
 
 
-def _fields(obj: PipelineObject | Mapping[str, Any]) -> PipelineObject:
+def as_pipeline_object(obj: PipelineObject | Mapping[str, Any]) -> PipelineObject:
+    """A parsed object, or a raw API object (``{"id", "name", "fields"}``) parsed."""
     if isinstance(obj, PipelineObject):
         return obj
     from dptr_common.task import TaskField
@@ -141,7 +143,7 @@ def data_node_location(obj: PipelineObject | Mapping[str, Any]) -> DataNodeLocat
     ``obj`` is a parsed object or a raw API object (``{"id", "name", "fields"}``).
     Raises TaskError ``dptr.StagingFailed.*`` for an S3DataNode that cannot be staged.
     """
-    node = _fields(obj)
+    node = as_pipeline_object(obj)
     node_type = node.first("type")
     if node_type != "S3DataNode":
         return None

@@ -82,6 +82,12 @@ def parse_period(value: str, *, field: str = "period") -> int:
     )
 
 
+def is_s3_path(path: str | None) -> bool:
+    """An ``s3://`` (or Hadoop's ``s3n://``/``s3a://``) path; anything else in ``stdout`` or
+    ``stderr`` is a local path, which the developer guide allows for workerGroup tasks."""
+    return path is not None and re.match(r"^s3[an]?://", path.strip(), re.IGNORECASE) is not None
+
+
 def parse_bool(value: str, *, field: str) -> bool:
     """Data Pipeline booleans are the strings ``true``/``false`` (any case)."""
     lowered = value.strip().lower()

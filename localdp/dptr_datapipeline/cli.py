@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         " (default; the developer guide's reading: FALSE is final) or the service, with a new"
         " attempt after retryDelay until preconditionTimeout",
     )
+    serve.add_argument(
+        "--no-pipeline-log-uri-on-attempts",
+        action="store_true",
+        help="keep Default's pipelineLogUri off polled attempts (runners must read it with DescribeObjects)",
+    )
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -74,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         default_maximum_retries=args.default_maximum_retries,
         precondition_retries=args.precondition_retries,
+        pipeline_log_uri_on_attempts=not args.no_pipeline_log_uri_on_attempts,
     )
     service.start()
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from dptr_datapipeline.definition import (
     ACTIVITY_TYPES,
+    DEFAULT_OBJECT_ID,
     PRECONDITION_TYPES,
     Definition,
     Field,
@@ -141,7 +142,9 @@ class Engine:
         time_scale: float = 1.0,
         default_maximum_retries: int = DEFAULT_MAXIMUM_RETRIES,
         state_file: str | os.PathLike[str] | None = None,
+        *,
         precondition_retries: str = "runner",
+        pipeline_log_uri_on_attempts: bool = True,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -150,6 +153,9 @@ class Engine:
         #: "runner": the runner re-checks within one attempt and FALSE is final (the
         #: developer guide's reading); "service": FALSE is re-scheduled after retryDelay.
         self.precondition_retries = precondition_retries
+        #: Whether Default's pipelineLogUri is inherited onto polled attempts (the developer
+        #: guide does not say; False models a service that keeps it on Default only).
+        self.pipeline_log_uri_on_attempts = pipeline_log_uri_on_attempts
         self.ledger = ledger
         self.time_scale = time_scale
         self.default_maximum_retries = default_maximum_retries
@@ -401,8 +407,10 @@ class Engine:
             inst.node = next(
                 (
                     o
-                    for o in defn.objects
-                    if comp in defn.all_values(o, "precondition") and defn.type_of(o) not in ACTIVITY_TYPES
+                    for o, obj in defn.objects.items()
+                    if o != DEFAULT_OBJECT_ID
+                    and (defn.type_of(o) or "").endswith("DataNode")
+                    and any(f.is_ref and f.value == comp for f in obj.values("precondition"))
                 ),
                 None,
             )
@@ -710,11 +718,16 @@ class Engine:
                 for inst in p.instances.values():
                     if inst.kind != "precondition" or inst.status in TERMINAL:
                         continue
-                    if self.precondition_retries == "runner" and any(
-                        a.status == "RUNNING" for a in inst.attempts
-                    ):
-                        continue  # the runner enforces the timeout of the check it runs
                     timeout = self._duration_field(inst, "preconditionTimeout", None)
+                    if (
+                        timeout is not None
+                        and self.precondition_retries == "runner"
+                        and any(a.status == "RUNNING" for a in inst.attempts)
+                    ):
+                        # The runner enforces the timeout of the check it runs; the service
+                        # stops one still running at twice the timeout (a runner whose
+                        # clock is wrong must not hold the pipeline forever).
+                        timeout *= 2
                     if timeout is not None and now - inst.started >= self.scaled(timeout):
                         self._cancel_instance(inst, "preconditionTimeout")
                         inst.status = "TIMEDOUT"
@@ -813,7 +826,14 @@ class Engine:
     def _user_fields(self, inst: Instance) -> list[Field]:
         defn = inst.pipeline.active_definition
         assert defn is not None
-        return [f for f in defn.resolved(inst.component_id) if f.key != "parent"]
+        fields = [f for f in defn.resolved(inst.component_id) if f.key != "parent"]
+        if not self.pipeline_log_uri_on_attempts:
+            # Model a service that keeps pipelineLogUri on Default only: a runner must
+            # read it there (DescribeObjects) unless the object sets it itself.
+            obj = defn.objects.get(inst.component_id)
+            if obj is None or not obj.values("pipelineLogUri"):
+                fields = [f for f in fields if f.key != "pipelineLogUri"]
+        return fields
 
     def _instance_fields(self, inst: Instance) -> list[Field]:
         fields = self._user_fields(inst)

@@ -48,6 +48,7 @@ class LocalDataPipeline:
         sts_endpoint: str | None = None,
         worker_group_policy: Mapping[str, Sequence[str]] | None = None,
         precondition_retries: str = "runner",
+        pipeline_log_uri_on_attempts: bool = True,
     ) -> None:
         self.host, self.port = host, port
         self.ledger = Ledger()
@@ -57,6 +58,7 @@ class LocalDataPipeline:
             default_maximum_retries,
             state_file,
             precondition_retries=precondition_retries,
+            pipeline_log_uri_on_attempts=pipeline_log_uri_on_attempts,
         )
         keys = (
             dict(access_keys)

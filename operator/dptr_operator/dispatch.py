@@ -41,6 +41,8 @@ from dptr_common.task import Task, parse_task
 from dptr_operator.events import pipeline_task_ref, task_runner_ref
 from dptr_operator.heartbeats import HeartbeatScheduler
 from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry
+from dptr_operator.pipelinelogs import CACHE_SECONDS as LOG_URI_CACHE_SECONDS
+from dptr_operator.pipelinelogs import PipelineLogUris, with_pipeline_log_uri
 from dptr_operator.polling import RunnerWorker
 from dptr_operator.reporter import Reporter
 from dptr_operator.services import Services
@@ -119,6 +121,7 @@ class Dispatcher:
         self.services = services
         self.reporter = reporter
         self.scheduler = scheduler
+        self.log_uris = PipelineLogUris(services.config.scaled(LOG_URI_CACHE_SECONDS))
 
     def _create_pipeline_task(self, body: Mapping[str, Any], deadline: float) -> tuple[dict[str, Any], bool]:
         ns = body["metadata"]["namespace"]
@@ -280,6 +283,7 @@ class Dispatcher:
         runner.status = runner.status.model_copy(
             update={"heartbeat_interval_seconds": worker.plan.interval_seconds}
         )
+        task = self._with_log_uri(worker, entry, task)
         job = render_job(
             task,
             runner,
@@ -322,6 +326,27 @@ class Dispatcher:
                         self.services.config.scaled(30), f"the namespace's quota refused a Job: {exc}"
                     )
                 raise rejection(exc, "Job") from exc
+
+    def _with_log_uri(self, worker: RunnerWorker, entry: TaskEntry, task: Task) -> Task:
+        """The task with its pipeline's ``Default.pipelineLogUri`` when the attempt lacks one
+        (:mod:`dptr_operator.pipelinelogs`); a failed lookup is an Event and a metric."""
+        if task.attempt.first("pipelineLogUri"):
+            return task
+        found = self.log_uris.lookup(worker.client(), task.pipeline_id)
+        runner_label = f"{worker.namespace}/{worker.name}"
+        if not found.cached:
+            result = "error" if found.problem else ("found" if found.uri else "none")
+            self.services.metrics.pipeline_log_uri_lookups.labels(runner_label, result).inc()
+        if found.problem:
+            log.warning("%s/%s: %s", entry.namespace, entry.name, found.problem)
+            self.services.events.emit(
+                pipeline_task_ref(entry.namespace, entry.name, entry.uid),
+                "PipelineLogUriUnknown",
+                f"the attempt's logs may not reach the pipeline's pipelineLogUri: {found.problem}"[:1000],
+                "Warning",
+            )
+            return task
+        return with_pipeline_log_uri(task, found.uri) if found.uri else task
 
     def _not_recorded(self, worker: RunnerWorker, attempt_id: str, exc: ApiError) -> None:
         """The API server did not answer for the PipelineTask within the ack window: an

@@ -38,6 +38,13 @@ class Metrics:
             ["runner", "outcome"],
             registry=r,
         )
+        self.pipeline_log_uri_lookups = Counter(
+            "dptr_pipeline_log_uri_lookups_total",
+            "DescribeObjects calls for a pipeline's Default.pipelineLogUri (attempts without one),"
+            " by result (found, none, error); error means that attempt's logs are not uploaded.",
+            ["runner", "result"],
+            registry=r,
+        )
         self.fallback_reports = Counter(
             "dptr_operator_reports_total",
             "SetTaskStatus calls made by the operator (fallback outcomes), by errorId.",

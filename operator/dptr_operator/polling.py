@@ -136,7 +136,9 @@ class RunnerWorker:
         self.key = (self.namespace, self.name)
         self.health = RunnerHealth()
         self.runner = self._admit(runner)
-        self.taskrunner_id = runner.status.taskrunner_id or f"dptr-{uuid.uuid4()}"
+        self.taskrunner_id = (
+            self.runner.spec.taskrunner_id or runner.status.taskrunner_id or f"dptr-{uuid.uuid4()}"
+        )
         self.counts = runner.status.counts.model_copy()
         self.deleting = False
         self.plan: HeartbeatPlan = heartbeat_interval(0)
@@ -179,6 +181,9 @@ class RunnerWorker:
         admitted = self._admit(runner)
         with self._lock:
             self.runner = admitted
+            if admitted.spec.taskrunner_id:
+                # Unsetting it later keeps the id in use: it stays stable either way.
+                self.taskrunner_id = admitted.spec.taskrunner_id
             self._wake.notify_all()
         self._ensure_pollers()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dptr_common.errors import TaskError
 from dptr_common.staging_plan import STAGING_ROOT
-from dptr_common.task import Task
+from dptr_common.task import Task, is_s3_path
 
 from .s3 import CHUNK_SIZE, S3Client, S3Error, S3Uri, parse_s3_uri
 from .safefs import SharedFile, SharedVolume, UnsafeFile
@@ -82,10 +82,19 @@ class LogTargets:
     pipeline_log_uri: str | None = None
     stdout_uri: str | None = None
     stderr_uri: str | None = None
+    #: Local ``stdout``/``stderr`` paths the task container's wrapper appends to.
+    stdout_path: str | None = None
+    stderr_path: str | None = None
 
     @property
     def wanted(self) -> bool:
-        return bool(self.pipeline_log_uri or self.stdout_uri or self.stderr_uri)
+        return bool(
+            self.pipeline_log_uri
+            or self.stdout_uri
+            or self.stderr_uri
+            or self.stdout_path
+            or self.stderr_path
+        )
 
     @classmethod
     def from_task(cls, task: Task) -> LogTargets:
@@ -95,8 +104,10 @@ class LogTargets:
             component_id=task.component_id,
             instance_id=task.instance_id,
             pipeline_log_uri=task.attempt.first("pipelineLogUri"),
-            stdout_uri=task.stdout,
-            stderr_uri=task.stderr,
+            stdout_uri=task.stdout if is_s3_path(task.stdout) else None,
+            stderr_uri=task.stderr if is_s3_path(task.stderr) else None,
+            stdout_path=task.stdout if task.stdout and not is_s3_path(task.stdout) else None,
+            stderr_path=task.stderr if task.stderr and not is_s3_path(task.stderr) else None,
         )
 
     _ENV = {
@@ -107,6 +118,8 @@ class LogTargets:
         "pipeline_log_uri": "DPTR_PIPELINE_LOG_URI",
         "stdout_uri": "DPTR_STDOUT_URI",
         "stderr_uri": "DPTR_STDERR_URI",
+        "stdout_path": "DPTR_STDOUT_PATH",
+        "stderr_path": "DPTR_STDERR_PATH",
     }
 
     def to_env(self) -> dict[str, str]:
@@ -298,6 +311,31 @@ def capture_sources(
     return captured
 
 
+def local_path_problems(log_dir: Path, targets: LogTargets, log: Callable[[str], None]) -> list[str]:
+    """Whether the wrapper could append the streams to their local paths (it leaves
+    ``.<stream>-path-error`` when it could not): problems to report, never silence."""
+    problems: list[str] = []
+    for stream, path in (("stdout", targets.stdout_path), ("stderr", targets.stderr_path)):
+        if not path:
+            continue
+        reason = None
+        try:
+            with SharedVolume(str(log_dir)) as volume:
+                marker = volume.open(f".{stream}-path-error", max_bytes=4096)
+                try:
+                    reason = b"".join(marker.chunks()).decode("utf-8", "replace").strip() or "unknown reason"
+                finally:
+                    marker.close()
+        except FileNotFoundError:
+            log(f"{stream} also written to {path} in the task container")
+        except (OSError, UnsafeFile) as exc:
+            reason = f"its error marker could not be read ({exc})"
+        if reason is not None:
+            problems.append(f"{stream} was not written to the local path {path!r}: {reason}")
+            log(problems[-1])
+    return problems
+
+
 def _limit(env: Mapping[str, str], name: str, default: int) -> int:
     try:
         value = int(env.get(name) or default)
@@ -362,6 +400,7 @@ def finish_task_io(
                 combined_output,
                 max_bytes=_limit(env, "DPTR_MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES),
             )
+            result.problems += local_path_problems(Path(env.get("DPTR_LOG_DIR") or LOG_DIR), targets, log)
             try:
                 for refusal in captured.refused:
                     note = f"not uploading {refusal}"

@@ -26,7 +26,7 @@ from types import FrameType
 
 from dptr_common.errors import TaskError
 
-from .s3 import S3Client, S3Error, parse_s3_uri
+from .s3 import S3Client, S3Error, S3Uri, parse_s3_uri
 from .staging import write_termination_message
 
 __all__ = ["check_exists_main", "exists_once"]
@@ -40,11 +40,50 @@ def exists_once(s3: S3Client, uri: str, kind: str) -> bool:
         target = parse_s3_uri(uri)
         if kind == "file":
             return s3.exists(target)
+        if target.key and not target.key.endswith("/"):
+            # A directory: s3://b/day=1 must not be satisfied by s3://b/day=10/x.
+            target = S3Uri(target.bucket, target.key + "/")
         return next(iter(s3.list(target)), None) is not None
     except S3Error as exc:
         if exc.code in _ABSENT_CODES:
             return False
         raise
+
+
+def _resolve_node(env: Mapping[str, str], node: str) -> tuple[str, str]:
+    """The node's location from DescribeObjects, when the task did not carry the node."""
+    pipeline_id = env.get("DPTR_PIPELINE_ID") or ""
+    if not pipeline_id or not env.get("DPTR_EXISTS_NODE"):
+        raise TaskError("dptr.Exists.NotConfigured", "neither DPTR_EXISTS_URI nor DPTR_EXISTS_NODE is set")
+    from dptr_common.datapipeline import DataPipelineError, call_with_retry
+    from dptr_common.render_preconditions import exists_location
+
+    from .config import time_scale_from_env
+    from .staging import RESOLVE_RETRY_BUDGET, _dp_client_from_env
+
+    budget = RESOLVE_RETRY_BUDGET * time_scale_from_env(env)
+    client = _dp_client_from_env(env)
+    try:
+        described = call_with_retry(
+            lambda: client.describe_objects(pipeline_id, [node], evaluate_expressions=True),
+            deadline=time.monotonic() + budget,
+            base=max(budget / 60, 0.01),
+            cap=max(budget / 6, 0.05),
+        )
+    except DataPipelineError as exc:
+        raise TaskError(
+            f"dptr.Exists.DescribeObjects.{exc.reason}", f"could not look up data node {node!r}: {exc}"
+        ) from exc
+    finally:
+        client.close()
+    obj = next((o for o in described if str(o.get("id")) == node), None)
+    if obj is None:
+        raise TaskError(
+            "dptr.Exists.DataNodeNotFound", f"data node {node!r} is not in pipeline {pipeline_id}"
+        )
+    location = exists_location(node, obj)
+    _log(f"{node} looked up with DescribeObjects: {location.uri}")
+    return location.uri, location.kind
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -77,11 +116,13 @@ def check_exists_main(
     node = env.get("DPTR_EXISTS_NODE") or "the data node"
     delay = max(_int(env, "DPTR_CHECK_RETRY_DELAY", 600), 1)
     started = clock()
-    deadline = _int(env, "DPTR_CHECK_DEADLINE", 0) or int(started) + _int(env, "DPTR_CHECK_BUDGET", 0)
+    # Never later than the budget from now (a skewed start time cannot stretch the wait).
+    latest = int(started) + _int(env, "DPTR_CHECK_BUDGET", 0)
+    deadline = min(_int(env, "DPTR_CHECK_DEADLINE", 0) or latest, latest)
     checks = 0
     try:
         if not uri:
-            raise TaskError("dptr.Exists.NotConfigured", "DPTR_EXISTS_URI is not set")
+            uri, kind = _resolve_node(env, node)
         with (s3_factory or (lambda e: S3Client(env=e)))(env) as s3:
             while True:
                 checks += 1

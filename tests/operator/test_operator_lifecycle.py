@@ -115,6 +115,23 @@ def test_runner_terminate_stops_polling_with_condition(
     datapipeline.assert_clean()
 
 
+def test_a_taskrunner_id_set_on_the_spec_is_the_one_data_pipeline_sees(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
+) -> None:
+    # The official runner's --taskrunnerId: what ReportTaskRunnerHeartbeat carries.
+    cluster.create_runner(datapipeline, "wg-trid", taskrunnerId="onprem-etl-7")
+    wait_for(
+        lambda: "onprem-etl-7" in datapipeline.ledger.runners, timeout=30, what="the heartbeat with the id"
+    )
+    wait_for(
+        lambda: cluster.runner()["status"].get("taskrunnerId") == "onprem-etl-7",
+        timeout=30,
+        what="status.taskrunnerId",
+    )
+    assert all(not r.startswith("dptr-") for r in datapipeline.ledger.runners), datapipeline.ledger.runners
+    datapipeline.assert_clean()
+
+
 def test_bad_credentials_degrade_then_recover(
     cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
 ) -> None:

@@ -34,19 +34,25 @@ def node_cluster(crds: RunningTestbed, namespace: str) -> Cluster:
 
 
 @pytest.fixture
-def parity_runner(
-    node_cluster: Cluster, datapipeline: LocalDataPipeline, s3_endpoint: str, tmp_path: Path
-) -> Iterator[Cluster]:
-    """The real operator serving a TaskRunner (worker group WORKER_GROUP) whose pods use moto's S3."""
+def parity_operator(node_cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The real operator, for the parity tests' namespace."""
     # The sidecar reports; the operator's fallback waits 60 s (scaled) before it would
     # (a loaded CI machine has taken over 10 s from exit to report).
     extra = [*QUIET_GRACES, "--sidecar-report-grace-seconds", "6000"]
     op = OperatorProcess(node_cluster.testbed, node_cluster.namespace, tmp_path, extra).start()
     try:
-        node_cluster.create_runner(
-            datapipeline, WORKER_GROUP, s3EndpointUrl=s3_endpoint, jobTemplate={"image": "debian:bookworm"}
-        )
-        yield node_cluster
+        yield op
     finally:
         op.stop()
         sys.stdout.write(f"\n----- operator log -----\n{op.logs()[-8000:]}\n")
+
+
+@pytest.fixture
+def parity_runner(
+    node_cluster: Cluster, parity_operator: OperatorProcess, datapipeline: LocalDataPipeline, s3_endpoint: str
+) -> Cluster:
+    """The real operator serving a TaskRunner (worker group WORKER_GROUP) whose pods use moto's S3."""
+    node_cluster.create_runner(
+        datapipeline, WORKER_GROUP, s3EndpointUrl=s3_endpoint, jobTemplate={"image": "debian:bookworm"}
+    )
+    return node_cluster

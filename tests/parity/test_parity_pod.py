@@ -225,7 +225,8 @@ def test_log_upload_failure_is_reported_not_raised(
                 "type": "ShellCommandActivity",
                 "command": "echo fine",
                 "stdout": "s3://no-such-bucket-parity/stdout",
-                "stderr": "/var/log/local-path-not-supported",
+                # A local path the task container cannot write: reported, never silent.
+                "stderr": "/nonexistent-dptr-dir/stderr.log",
             }
         },
     )
@@ -233,8 +234,11 @@ def test_log_upload_failure_is_reported_not_raised(
     assert pod.task_exit == 0
     assert result.error is None
     assert len(result.problems) == 2
-    assert "NoSuchBucket" in result.problems[0]
-    assert "not an s3:// URI" in result.problems[1]
+    assert any("NoSuchBucket" in p for p in result.problems), result.problems
+    assert any(
+        "stderr was not written to the local path '/nonexistent-dptr-dir/stderr.log'" in p
+        for p in result.problems
+    ), result.problems
 
 
 def test_data_nodes_missing_from_the_task_are_resolved_with_describe_objects(

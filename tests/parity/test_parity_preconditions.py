@@ -176,11 +176,17 @@ def test_exists_holds_once_the_s3_key_arrives(
     parity_runner: Cluster, datapipeline: LocalDataPipeline, s3_raw: Any, s3_bucket: str
 ) -> None:
     datapipeline.run_pipeline(_exists_pipeline(s3_bucket, "in/late.csv"), worker_group=WORKER_GROUP)
-    wait_for(
-        lambda: any(c["name"] == "task" for p in parity_runner.pods() for c in p["spec"]["containers"]),
-        timeout=60,
-        what="the Exists check's pod",
-    )
+
+    def check_log() -> str:
+        pods = parity_runner.pods()
+        if not pods:
+            return ""
+        name = pods[0]["metadata"]["name"]
+        ns = parity_runner.namespace
+        return parity_runner.testbed.kubectl("logs", "-n", ns, name, "-c", "task", check=False)
+
+    # The object arrives only after the check has answered "not yet": it holds on a retry.
+    wait_for(lambda: "does not exist yet" in check_log(), timeout=60, what="a first check that did not hold")
     s3_raw.put_object(Bucket=s3_bucket, Key="in/late.csv", Body=b"a,b\n")
     records = outcomes(datapipeline, "Ready", "Work", timeout=90)
     assert (records["Ready"].outcome, records["Work"].outcome) == ("FINISHED", "FINISHED")

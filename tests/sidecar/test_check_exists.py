@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dptr_datapipeline import LocalDataPipeline
 from dptr_sidecar.preconditions import check_exists_main
 
 
@@ -90,7 +91,56 @@ def test_sigterm_ends_the_wait_at_once(s3_env: dict[str, str], s3_bucket: str, t
     env = _env(
         s3_env, tmp_path, f"s3://{s3_bucket}/never", DPTR_CHECK_RETRY_DELAY="60", DPTR_CHECK_BUDGET="600"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "dptr_sidecar.cli", "check-exists"], env=env)
-    time.sleep(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dptr_sidecar.cli", "check-exists"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    # Its first check has answered, so the handler is set and it is in its 60 s pause.
+    line = proc.stderr.readline()
+    assert "does not exist yet" in line, line
+    started = time.monotonic()
     proc.terminate()
     assert proc.wait(timeout=10) == 128 + 15
+    assert time.monotonic() - started < 5
+
+
+def test_a_directory_is_not_satisfied_by_a_longer_sibling(
+    s3_env: dict[str, str], s3_raw: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    s3_raw.put_object(Bucket=s3_bucket, Key="day=10/part-0", Body=b"x")
+    assert check_exists_main([], _env(s3_env, tmp_path, f"s3://{s3_bucket}/day=1", "directory")) == 1
+    s3_raw.put_object(Bucket=s3_bucket, Key="day=1/part-0", Body=b"x")
+    assert check_exists_main([], _env(s3_env, tmp_path, f"s3://{s3_bucket}/day=1", "directory")) == 0
+
+
+def test_a_node_the_task_did_not_carry_is_looked_up_with_describe_objects(
+    s3_env: dict[str, str], s3_raw: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    s3_raw.put_object(Bucket=s3_bucket, Key="in/2024-05-01.csv", Body=b"x")
+    with LocalDataPipeline(time_scale=0.01, quotas=False) as dp:
+        pipeline_id = dp.run_pipeline(
+            {
+                "In": {"type": "S3DataNode", "filePath": f"s3://{s3_bucket}/in/2024-05-01.csv"},
+                "Other": {"type": "DynamoDBDataNode", "tableName": "t"},
+                "Work": {"type": "ShellCommandActivity", "command": "true", "input": {"ref": "In"}},
+            },
+            worker_group="wg-lookup",
+        )
+        env = {
+            **_env(s3_env, tmp_path, ""),
+            **dp.aws_env(),
+            "AWS_ENDPOINT_URL_S3": s3_env["AWS_ENDPOINT_URL_S3"],
+            "DPTR_PIPELINE_ID": pipeline_id,
+            "DPTR_ENDPOINT_URL": dp.endpoint_url,
+        }
+
+        # A process of its own: the Data Pipeline client takes its keys from the environment.
+        def run(environment: dict[str, str]) -> int:
+            argv = [sys.executable, "-m", "dptr_sidecar.cli", "check-exists"]
+            return subprocess.run(argv, env=environment, timeout=60, check=False).returncode
+
+        assert run(env) == 0
+        assert [c.operation for c in dp.ledger.calls].count("DescribeObjects") == 1
+        assert run({**env, "DPTR_EXISTS_NODE": "Other"}) == 2  # a data node dptr cannot check
+    first = (tmp_path / "termination").read_text().partition("\n")[0]
+    assert first == "dptr.PreconditionNotSupported.Exists.DynamoDBDataNode", first

@@ -13,7 +13,7 @@ from dptr_samples import pipeline_task_owner, set_attempt_fields, task_object, t
 from kubelet_view import seen
 
 from dptr_common.errors import ContainerTermination, outcome_for_termination
-from dptr_common.models import TaskRunner
+from dptr_common.models import PipelineTaskSpec, TaskRunner
 from dptr_common.render import SIDECAR_CONTAINER, TASK_CONTAINER, render_job
 from dptr_common.render_preconditions import CHECK_LOOP, check_timing
 from dptr_common.task import Task, TaskError, parse_task
@@ -110,8 +110,29 @@ def test_the_loop_stops_at_the_first_check_that_holds(tmp_path: Path) -> None:
 
 
 def test_the_loop_answers_the_last_exit_at_the_deadline(tmp_path: Path) -> None:
-    code, checks, took = _loop("exit 4", tmp_path, DPTR_CHECK_RETRY_DELAY="1", DPTR_CHECK_BUDGET="2")
-    assert code == 4 and checks >= 2 and took >= 2
+    # A 2 s budget on a clock of whole seconds: at least two checks, the last exit kept.
+    code, checks, _ = _loop("exit 4", tmp_path, DPTR_CHECK_RETRY_DELAY="1", DPTR_CHECK_BUDGET="2")
+    assert code == 4 and checks >= 2
+
+
+def test_a_deadline_past_the_budget_is_clamped_to_it(tmp_path: Path) -> None:
+    # A start time from a clock far ahead must not stretch the wait past the timeout.
+    code, _, took = _loop(
+        "exit 1",
+        tmp_path,
+        DPTR_CHECK_RETRY_DELAY="1",
+        DPTR_CHECK_BUDGET="2",
+        DPTR_CHECK_DEADLINE="99999999999",
+    )
+    assert code == 1 and took < 10
+
+
+def test_exits_of_128_and_255_are_answers_and_checked_again(tmp_path: Path) -> None:
+    # Not signals (dptr_common.errors reads 129-192 as one): git's fatal 128, ssh's 255.
+    for code in (128, 255):
+        (tmp_path / "n").unlink(missing_ok=True)
+        got, checks, _ = _loop(f"exit {code}", tmp_path, DPTR_CHECK_RETRY_DELAY="1", DPTR_CHECK_BUDGET="2")
+        assert got == code and checks >= 2
 
 
 def test_a_past_deadline_still_checks_once(tmp_path: Path) -> None:
@@ -125,13 +146,20 @@ def test_a_check_killed_by_a_signal_is_not_retried(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_the_pause_ends_the_loop_at_once(tmp_path: Path) -> None:
+    checked = tmp_path / "checked"
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", CHECK_LOOP, "dptr-check", "/bin/sh", "-c", "exit 1"],
+        ["/bin/sh", "-c", CHECK_LOOP, "dptr-check", "/bin/sh", "-c", f": > {checked}; exit 1"],
         env={"PATH": os.environ["PATH"], "DPTR_CHECK_RETRY_DELAY": "60", "DPTR_CHECK_BUDGET": "600"},
     )
-    time.sleep(0.5)
+    # The first check ran, so the trap is set and the loop is in its 60 s pause.
+    deadline = time.monotonic() + 30
+    while not checked.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    started = time.monotonic()
     proc.terminate()
-    assert proc.wait(timeout=5) == 143
+    assert proc.wait(timeout=10) == 143
+    assert time.monotonic() - started < 5
 
 
 def _exists(node: dict[str, Any] | None, *extra: dict[str, str]) -> Task:
@@ -202,11 +230,29 @@ def test_exists_fails_clearly_for_what_it_cannot_check(node: dict[str, Any] | No
     assert err.value.error_id == error_id
 
 
-def test_exists_whose_node_was_not_sent_fails_clearly() -> None:
-    task = _task("Exists", {"key": "node", "refValue": "Missing"})
-    with pytest.raises(TaskError) as err:
-        _render(task)
-    assert err.value.error_id == "dptr.InvalidTask.Exists.NodeNotInTask"
+def test_exists_whose_node_was_not_sent_looks_it_up_itself() -> None:
+    # The service left the node out, or the task was rebuilt from its PipelineTask (which
+    # keeps no objects): the check asks DescribeObjects, with the runner's endpoint.
+    task = _exists(_node("In", "S3DataNode", filePath="s3://b/in.csv"))
+    spec = PipelineTaskSpec.from_task(task, task_runner="etl", polled_by="op-0")
+    rebuilt = spec.to_task()
+    assert rebuilt.node == "In" and not rebuilt.objects
+    env = _env(_containers(_render(rebuilt, endpointUrl="http://dp.local"))[TASK_CONTAINER])
+    assert "DPTR_EXISTS_URI" not in env
+    assert (env["DPTR_EXISTS_NODE"], env["DPTR_PIPELINE_ID"]) == ("In", task.pipeline_id)
+    assert env["DPTR_ENDPOINT_URL"] == "http://dp.local"
+
+
+def test_exists_gets_the_operators_sidecar_env() -> None:
+    job = render_job(
+        _exists(_node("In", "S3DataNode", filePath="s3://b/in.csv")),
+        TaskRunner.from_k8s(task_runner_object()),
+        sidecar_image=SIDECAR_IMAGE,
+        namespace="data",
+        owner=pipeline_task_owner(),
+        sidecar_env={"AWS_ENDPOINT_URL_STS": "https://sts.internal"},
+    )
+    assert _env(_containers(job)[TASK_CONTAINER])["AWS_ENDPOINT_URL_STS"] == "https://sts.internal"
 
 
 def test_exists_outcomes_come_from_its_termination_message() -> None:
@@ -217,6 +263,13 @@ def test_exists_outcomes_come_from_its_termination_message() -> None:
     assert outcome(0, None) == ("FINISHED", None)
     assert outcome(1, "dptr.Exists.NotFound\ns3://b/k did not exist") == ("FALSE", "dptr.Exists.NotFound")
     assert outcome(2, "dptr.Exists.AccessDenied\nchecking s3://b/k") == ("FAILED", "dptr.Exists.AccessDenied")
+    # Only "not found at the timeout" is FALSE: a check that did not run is FAILED, e.g. an
+    # older sidecarImage without check-exists, or a crash with a traceback.
+    assert outcome(2, "dptr-sidecar: unknown command 'check-exists'") == (
+        "FAILED",
+        "dptr.Exists.CheckDidNotRun",
+    )
+    assert outcome(1, "Traceback (most recent call last):") == ("FAILED", "dptr.Exists.CheckDidNotRun")
     # A user's check cannot choose its errorId that way.
     assert outcome(2, "dptr.Exists.AccessDenied\nx", "ShellCommandPrecondition") == (
         "FALSE",
