@@ -276,3 +276,44 @@ def test_pipeline_task_spec_is_immutable_by_cel() -> None:
     assert {"rule": "self == oldSelf", "message": rules[0]["message"]} in rules
     phases = _properties(_schema("pipelinetasks.yaml"), "status")["phase"]["enum"]
     assert phases == ["Pending", "Running", "Succeeded", "Failed", "Canceled", "Lost"]
+
+
+def test_job_template_volumes_stay_clear_of_dptrs_own() -> None:
+    from pydantic import ValidationError
+
+    def runner(**template: Any) -> TaskRunner:
+        return TaskRunner.from_k8s(task_runner_object(jobTemplate={"image": "busybox", **template}))
+
+    ok = runner(
+        volumes=[{"name": "logs", "emptyDir": {}}],
+        volumeMounts=[{"name": "logs", "mountPath": "/var/log/etl"}],
+    )
+    assert ok.spec.job_template.volume_mounts[0]["mountPath"] == "/var/log/etl"
+    for bad in (
+        {"volumes": [{"name": "dptr-logs", "emptyDir": {}}]},
+        {"volumes": [{"name": "x", "emptyDir": {}}], "volumeMounts": [{"name": "y", "mountPath": "/y"}]},
+        {
+            "volumes": [{"name": "x", "emptyDir": {}}],
+            "volumeMounts": [{"name": "x", "mountPath": "/dptr/logs"}],
+        },
+        {
+            "volumes": [{"name": "x", "emptyDir": {}}],
+            "volumeMounts": [{"name": "x", "mountPath": "/a/../dptr"}],
+        },
+        {
+            "volumes": [{"name": "x", "emptyDir": {}}],
+            "volumeMounts": [{"name": "x", "mountPath": "relative"}],
+        },
+        {
+            "volumes": [{"name": "x", "emptyDir": {}}],
+            "volumeMounts": [{"name": "x", "mountPath": "/var/run/secrets/kubernetes.io"}],
+        },
+    ):
+        with pytest.raises(ValidationError):
+            runner(**bad)
+
+
+def test_taskrunner_id_on_the_spec() -> None:
+    runner = TaskRunner.from_k8s(task_runner_object(taskrunnerId="onprem-1"))
+    assert runner.spec.taskrunner_id == "onprem-1"
+    assert runner.spec.to_k8s()["taskrunnerId"] == "onprem-1"
