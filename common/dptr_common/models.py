@@ -17,6 +17,7 @@ older operator must keep working against a newer CRD.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
@@ -253,6 +254,59 @@ def parse_byte_quantity(value: str | int) -> int:
     return int(match.group(1)) * _QUANTITY_FACTORS[match.group(2)]
 
 
+#: What a proxy setting leaves out unless it says otherwise: the pod's own host, the
+#: cluster's service names, and the link-local addresses of the instance metadata service
+#: and EKS Pod Identity's agent (credentials must never be fetched through a proxy).
+#: Kubernetes API calls of dptr's never use a proxy, whatever this says.
+DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1,.svc,.cluster.local,169.254.169.254,169.254.170.23,fd00:ec2::23"
+
+_PROXY_URL = re.compile(r"^https?://[^\s/]+(:[0-9]+)?/?$")
+
+
+class ProxySettings(CamelModel):
+    """An HTTP(S) proxy for dptr's AWS calls (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``)."""
+
+    https_proxy: str | None = None
+    http_proxy: str | None = None
+    no_proxy: str = DEFAULT_NO_PROXY
+    #: Also give the task container the proxy environment (its own AWS CLI calls, curl...).
+    pass_to_task: bool = False
+
+    @field_validator("https_proxy", "http_proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is not None and not _PROXY_URL.match(value):
+            raise ValueError(f"{value!r} is not a proxy URL such as http://proxy.internal:3128")
+        return value
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.https_proxy or self.http_proxy)
+
+    def env(self) -> dict[str, str]:
+        """Upper- and lower-case names: botocore reads either, curl and wget the lower."""
+        if not self.configured:
+            return {}
+        values: dict[str, str] = {}
+        for name, value in (("HTTPS_PROXY", self.https_proxy), ("HTTP_PROXY", self.http_proxy)):
+            if value:
+                values[name] = values[name.lower()] = value
+        values["NO_PROXY"] = values["no_proxy"] = self.no_proxy
+        return values
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ProxySettings | None:
+        """The proxy a process was started with (the operator's, from the Helm values)."""
+
+        def read(name: str) -> str | None:
+            return (env.get(name) or env.get(name.lower()) or "").strip() or None
+
+        https, http = read("HTTPS_PROXY"), read("HTTP_PROXY")
+        if not (https or http):
+            return None
+        return cls(https_proxy=https, http_proxy=http, no_proxy=read("NO_PROXY") or DEFAULT_NO_PROXY)
+
+
 class TaskIOLimits(CamelModel):
     """Bounds on what the sidecar reads from the volumes the task writes (docs/security.md)."""
 
@@ -300,6 +354,9 @@ class TaskRunnerSpec(CamelModel):
     history_limits: HistoryLimits = Field(default_factory=HistoryLimits)
     sidecar_image: str | None = None
     task_io: TaskIOLimits = Field(default_factory=TaskIOLimits, alias="taskIO")
+    #: The proxy of this runner's pods (dptr's containers; the task's with passToTask);
+    #: unset, the operator's own (Helm ``proxy``).
+    proxy: ProxySettings | None = None
     #: The official runner's ``--taskrunnerId``; unset, the operator keeps a generated one
     #: in the status, stable across restarts.
     taskrunner_id: str | None = Field(default=None, min_length=1, max_length=1024, alias="taskrunnerId")

@@ -45,7 +45,7 @@ from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
 from dptr_common.bounds import check_job, check_string
 from dptr_common.errors import TaskError
 from dptr_common.images import InvalidReference
-from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, TaskRunner
+from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, ProxySettings, TaskRunner
 from dptr_common.podspec import (
     FETCH_CONTAINER,
     SIDECAR_CONTAINER,
@@ -352,6 +352,7 @@ def render_job(
     service_account_name: str | None = None,
     sidecar_env: dict[str, str] | None = None,
     time_scale: float = 1.0,
+    proxy: ProxySettings | None = None,
 ) -> dict[str, Any]:
     """The whole Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
 
@@ -362,7 +363,9 @@ def render_job(
     expansion as it is built (:mod:`dptr_common.podspec`), so each process sees exactly
     what was meant.  ``sidecar_env`` reaches every init
     container of dptr's, the stage-in container included.  ``time_scale`` scales a
-    precondition's ``retryDelay`` and ``preconditionTimeout`` (tests run at 0.01).  Raises :class:`TaskError`
+    precondition's ``retryDelay`` and ``preconditionTimeout`` (tests run at 0.01).
+    ``proxy`` is the operator's own; the TaskRunner's ``spec.proxy`` wins.  It reaches
+    every container of dptr's, and the task's only with ``passToTask``.  Raises :class:`TaskError`
     (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``,
     ``dptr.StagingFailed.*``, ``dptr.InvalidTask.TooLarge.*`` past :mod:`dptr_common.bounds`)
     for a task that cannot run; nothing must be created then.
@@ -387,6 +390,13 @@ def render_job(
         ours += pod["containers"]  # dptr's own check, e.g. AWS_ENDPOINT_URL_STS for its role
     for container in ours:
         set_env(container, [_env(name, value) for name, value in (sidecar_env or {}).items()])
+    chosen = runner.spec.proxy or proxy
+    if chosen is not None and chosen.configured:
+        proxied = ours + (
+            [] if task.object_type == EXISTS_PRECONDITION or not chosen.pass_to_task else pod["containers"]
+        )
+        for container in proxied:
+            set_env(container, [_env(name, value) for name, value in chosen.env().items()])
     check_job(job)
     return job
 

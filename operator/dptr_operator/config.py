@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
+from dptr_common.models import ProxySettings
 from dptr_operator.tenancy import OVERRIDES, TenancyPolicy, parse_grants
 
 __all__ = ["OperatorConfig", "parse_args"]
@@ -34,6 +35,9 @@ class OperatorConfig(BaseModel):
     sidecar_service_account: str = "dptr-sidecar"
     #: NAME=VALUE pairs every dptr container of a task pod gets (not the task's own).
     sidecar_env: list[str] = []
+    #: The operator's own proxy (HTTPS_PROXY/HTTP_PROXY/NO_PROXY in its environment, from
+    #: the Helm values): the default for every task pod's dptr containers.
+    proxy: ProxySettings | None = None
 
     # Tenancy: the administrator's grants (see dptr_operator.tenancy).
     worker_group_grants: list[str] = []
@@ -282,6 +286,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     values = {k: v for k, v in vars(args).items() if v is not None}
     values["namespaces"] = namespaces
     try:
+        values["proxy"] = ProxySettings.from_env(env)
         return OperatorConfig(**values)
     except ValueError as exc:
         parser.error(str(exc))

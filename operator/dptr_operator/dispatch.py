@@ -293,6 +293,7 @@ class Dispatcher:
             service_account_name=self.services.config.sidecar_service_account,
             sidecar_env=self.services.config.sidecar_container_env,
             time_scale=self.services.config.time_scale,
+            proxy=self.services.config.proxy,
         )
         name = str(job["metadata"]["name"])
         deadline = time.monotonic() + self.services.config.scaled(30)

@@ -26,13 +26,14 @@ from dptr_common.models import TaskRunner
 
 __all__ = ["OVERRIDES", "Refusal", "TenancyPolicy", "parse_grants"]
 
-Override = Literal["endpointUrl", "s3EndpointUrl", "sidecarImage", "passDataPipelineCredentials"]
+Override = Literal["endpointUrl", "s3EndpointUrl", "sidecarImage", "passDataPipelineCredentials", "proxy"]
 #: TaskRunner fields that change where code runs or where requests go.
 OVERRIDES: tuple[Override, ...] = (
     "endpointUrl",
     "s3EndpointUrl",
     "sidecarImage",
     "passDataPipelineCredentials",
+    "proxy",
 )
 
 
@@ -95,6 +96,8 @@ class TenancyPolicy:
             "sidecarImage": spec.sidecar_image is not None,
             "passDataPipelineCredentials": spec.pass_data_pipeline_credentials
             and spec.credentials.mode == "PodIdentity",
+            # The path of the runner's requests (and the task's, with passToTask).
+            "proxy": spec.proxy is not None,
         }
         refused = [name for name in OVERRIDES if used[name] and name not in self.allowed_overrides]
         if refused:

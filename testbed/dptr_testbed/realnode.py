@@ -59,6 +59,8 @@ PACKAGES = {
     "debootstrap": "debootstrap",
     "iptables": "iptables",
     "ip": "iproute2",
+    # Not the node's: the proxy server tests/parity/test_parity_proxy.py runs on loopback.
+    "tinyproxy": "tinyproxy",
 }
 CNI_PACKAGE = "containernetworking-plugins"
 CGROUP_V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer")

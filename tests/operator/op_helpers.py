@@ -30,6 +30,7 @@ OPEN_TENANCY = (
     *("--allow-override", "s3EndpointUrl"),
     *("--allow-override", "sidecarImage"),
     *("--allow-override", "passDataPipelineCredentials"),
+    *("--allow-override", "proxy"),
 )
 
 
