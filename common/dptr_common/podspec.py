@@ -20,7 +20,9 @@ from typing import Any
 __all__ = [
     "CREDENTIAL_VARS",
     "FETCH_CONTAINER",
+    "IDENTITY_VARS",
     "SIDECAR_CONTAINER",
+    "SKIP_CONTAINERS",
     "STAGE_IN_CONTAINER",
     "TASK_CONTAINER",
     "command",
@@ -35,6 +37,20 @@ FETCH_CONTAINER = "dptr-fetch-script"
 STAGE_IN_CONTAINER = "dptr-stage-in"
 #: The AWS keys a Secret-mode TaskRunner gives dptr's containers (and, opted in, the task).
 CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+#: Everything that makes up the runner's AWS identity in one of dptr's containers: keys,
+#: the role dptr assumes on top (dptr_common.awsauth), or a web identity of dptr's own.
+IDENTITY_VARS = CREDENTIAL_VARS | frozenset(
+    {
+        "DPTR_ROLE_ARN",
+        "DPTR_ROLE_SESSION_NAME",
+        "DPTR_ROLE_EXTERNAL_ID",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_SESSION_NAME",
+    }
+)
+#: The EKS identity webhook's pod annotation: containers it must not give the account's role.
+SKIP_CONTAINERS = "eks.amazonaws.com/skip-containers"
 
 
 def kubelet_literal(text: str) -> str:

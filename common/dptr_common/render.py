@@ -49,6 +49,8 @@ from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, ProxySettings, T
 from dptr_common.podspec import (
     FETCH_CONTAINER,
     SIDECAR_CONTAINER,
+    SKIP_CONTAINERS,
+    STAGE_IN_CONTAINER,
     TASK_CONTAINER,
     command,
     set_env,
@@ -136,6 +138,43 @@ def _role_env(runner: TaskRunner, who: str) -> list[dict[str, Any]]:
         arn, session_name_for(namespace, runner.metadata.name, who), external_id_for(namespace)
     )
     return [_env(name, value) for name, value in role.to_env().items()]
+
+
+#: dptr's own projected token for the runner's role when the pod runs as the task's own
+#: ServiceAccount under PodIdentity credentials: a distinct audience, which only dptr's
+#: containers mount, so the task (whose webhook-given token says sts.amazonaws.com)
+#: cannot assume the runner's role even though both tokens name the same account.
+RUNNER_TOKEN_AUDIENCE = "dptr.dev/runner"
+RUNNER_TOKEN_VOLUME = "dptr-runner-token"
+RUNNER_TOKEN_DIR = "/var/run/secrets/dptr.dev/runner"
+#: The containers of dptr's own in a task pod (the task's is dptr's too for Exists).
+DPTR_CONTAINERS = (SIDECAR_CONTAINER, FETCH_CONTAINER, STAGE_IN_CONTAINER)
+
+
+def _own_account(runner: TaskRunner, default_account: str | None) -> bool:
+    """Whether the pod runs as a ServiceAccount of the task's own (the Job template's),
+    rather than dptr's sidecar account, which carries the runner's identity."""
+    named = runner.spec.job_template.service_account_name
+    return named is not None and named != default_account
+
+
+def _web_identity(runner: TaskRunner, own_account: bool) -> bool:
+    """dptr's containers use the runner's role through dptr's own token (see
+    :data:`RUNNER_TOKEN_AUDIENCE`): PodIdentity credentials in a pod of the task's account."""
+    return own_account and runner.spec.credentials.mode == "PodIdentity"
+
+
+def _identity_env(runner: TaskRunner, who: str, *, web_identity: bool) -> list[dict[str, Any]]:
+    """The runner's AWS identity for one of dptr's containers."""
+    if not web_identity:
+        return [*_role_env(runner, who), *_credential_env(runner)]
+    arn = str(runner.spec.credentials.role_arn)  # required with a task account (models)
+    namespace = str(runner.metadata.namespace)
+    return [
+        _env("AWS_ROLE_ARN", arn),
+        _env("AWS_WEB_IDENTITY_TOKEN_FILE", f"{RUNNER_TOKEN_DIR}/token"),
+        _env("AWS_ROLE_SESSION_NAME", session_name_for(namespace, runner.metadata.name, who)),
+    ]
 
 
 def _credential_env(runner: TaskRunner) -> list[dict[str, Any]]:
@@ -259,7 +298,9 @@ def _task_env(task: Task, runner: TaskRunner) -> list[dict[str, Any]]:
     return [e for e in runner.spec.job_template.env if e.get("name") not in taken] + ours
 
 
-def _sidecar(task: Task, runner: TaskRunner, image: str, pipeline_task: str) -> dict[str, Any]:
+def _sidecar(
+    task: Task, runner: TaskRunner, image: str, pipeline_task: str, *, web_identity: bool
+) -> dict[str, Any]:
     env = [
         _field_env("POD_NAME", "metadata.name"),
         _field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -276,8 +317,7 @@ def _sidecar(task: Task, runner: TaskRunner, image: str, pipeline_task: str) -> 
         _env("DPTR_OBJECT_TYPE", task.object_type),
         _env("PYTHONUNBUFFERED", "1"),
         _env("PYTHONDONTWRITEBYTECODE", "1"),
-        *_role_env(runner, "sidecar"),
-        *_credential_env(runner),
+        *_identity_env(runner, "sidecar", web_identity=web_identity),
     ]
     return {
         "name": SIDECAR_CONTAINER,
@@ -295,7 +335,7 @@ def _sidecar(task: Task, runner: TaskRunner, image: str, pipeline_task: str) -> 
     }
 
 
-def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
+def _fetcher(task: Task, runner: TaskRunner, image: str, *, web_identity: bool) -> dict[str, Any]:
     env = [
         _env("DPTR_SCRIPT_URI", str(task.script_uri)),
         _env("DPTR_SCRIPT_PATH", SCRIPT_PATH),
@@ -304,7 +344,7 @@ def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
     ]
     if runner.spec.s3_endpoint_url:
         env.append(_env("AWS_ENDPOINT_URL_S3", runner.spec.s3_endpoint_url))
-    env += [*_role_env(runner, "sidecar"), *_credential_env(runner)]
+    env += _identity_env(runner, "sidecar", web_identity=web_identity)
     return {
         "name": FETCH_CONTAINER,
         "image": image,
@@ -314,6 +354,24 @@ def _fetcher(task: Task, runner: TaskRunner, image: str) -> dict[str, Any]:
         "securityContext": _restricted_container_security(read_only_root=True),
         "volumeMounts": [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _runner_token_volume() -> dict[str, Any]:
+    return {
+        "name": RUNNER_TOKEN_VOLUME,
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "path": "token",
+                        "audience": RUNNER_TOKEN_AUDIENCE,
+                        "expirationSeconds": _TOKEN_EXPIRATION_SECONDS,
+                    }
+                }
+            ],
+        },
     }
 
 
@@ -388,6 +446,10 @@ def render_job(
     ours = list(pod["initContainers"])
     if task.object_type == EXISTS_PRECONDITION:
         ours += pod["containers"]  # dptr's own check, e.g. AWS_ENDPOINT_URL_STS for its role
+    if any(v.get("name") == RUNNER_TOKEN_VOLUME for v in pod.get("volumes", [])):
+        for container in ours:
+            mounts = container.setdefault("volumeMounts", [])
+            mounts.append({"name": RUNNER_TOKEN_VOLUME, "mountPath": RUNNER_TOKEN_DIR, "readOnly": True})
     for container in ours:
         set_env(container, [_env(name, value) for name, value in (sidecar_env or {}).items()])
     chosen = runner.spec.proxy or proxy
@@ -454,17 +516,24 @@ def render_base_job(
         annotations[naming.ANNOTATION_INSTANCE_ID] = task.instance_id
 
     pod_annotations = {**template.annotations, **annotations}
-    if (
-        runner.spec.credentials.mode == "PodIdentity"
-        and not runner.spec.pass_data_pipeline_credentials
-        and not exists
+    # EKS's identity webhook (IRSA, Pod Identity) gives the pod account's role to every
+    # container it is not told to skip.  Skip exactly where a container must not get it.
+    own_account = _own_account(runner, service_account_name)
+    web_identity = _web_identity(runner, own_account)
+    pod_annotations.pop(SKIP_CONTAINERS, None)  # the template's own never decides this
+    if own_account:
+        # The task's own account: its role is for the task; dptr's containers use the
+        # runner's identity (keys, or dptr's own token) and never carry the task's.
+        pod_annotations[SKIP_CONTAINERS] = ",".join([*DPTR_CONTAINERS, *([TASK_CONTAINER] if exists else [])])
+    elif not exists and not (
+        runner.spec.pass_data_pipeline_credentials and runner.spec.credentials.mode == "PodIdentity"
     ):
-        # EKS's pod identity webhook injects AWS credentials into every container unless
-        # told to skip some; the task must not get the runner's Data Pipeline identity.
-        # (An Exists check runs dptr's code only and needs the runner's S3 access.)
-        pod_annotations["eks.amazonaws.com/skip-containers"] = TASK_CONTAINER
+        # dptr's account carries the runner's identity: the task must not get it (in any
+        # credentials mode: the account may have a role for another TaskRunner).  An Exists
+        # check runs dptr's code only and needs the runner's S3 access.
+        pod_annotations[SKIP_CONTAINERS] = TASK_CONTAINER
 
-    sidecar = _sidecar(task, runner, sidecar_image, owner_ref["name"])
+    sidecar = _sidecar(task, runner, sidecar_image, owner_ref["name"], web_identity=web_identity)
     timing = check_timing(task, time_scale)
     task_container: dict[str, Any]
     if exists:
@@ -500,13 +569,15 @@ def render_base_job(
     init_containers = [sidecar]
     volumes = [_token_volume(), {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}]
     if task.script_uri and not exists:
-        init_containers.append(_fetcher(task, runner, sidecar_image))
+        init_containers.append(_fetcher(task, runner, sidecar_image, web_identity=web_identity))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
         task_container["volumeMounts"] = [
             *task_container.get("volumeMounts", []),
             {"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR, "readOnly": True},
         ]
     volumes += [dict(v) for v in template.volumes]
+    if web_identity:
+        volumes.append(_runner_token_volume())
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -30,10 +30,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from dptr_common.awsauth import AssumedRole
 from dptr_common.models import TaskRunner
 from dptr_common.podspec import (
-    CREDENTIAL_VARS,
+    IDENTITY_VARS,
     SIDECAR_CONTAINER,
     STAGE_IN_CONTAINER,
     TASK_CONTAINER,
@@ -135,7 +134,7 @@ def _stage_in_container(
     plan: StagingPlan, runner: TaskRunner, sidecar: dict[str, Any], s3_env: list[dict[str, Any]]
 ) -> dict[str, Any]:
     # The sidecar's AWS identity: its keys, and the TaskRunner's role to assume on top.
-    identity = CREDENTIAL_VARS | set(AssumedRole.ENV)
+    identity = IDENTITY_VARS
     credentials = [e for e in sidecar.get("env", []) if e.get("name") in identity]
     env = [
         _env("DPTR_STAGING_PLAN", plan.to_json()),

@@ -42,7 +42,7 @@ from dptr_common.models import TaskRunner
 from dptr_common.pacing import Backoff, HeartbeatPlan, heartbeat_interval, jittered
 from dptr_operator.events import task_runner_ref
 from dptr_operator.services import Services
-from dptr_operator.tenancy import Refusal
+from dptr_operator.tenancy import Refusal, task_account_refusal
 
 __all__ = ["Dispatch", "RunnerWorker", "StatusRequest", "conditions_for"]
 
@@ -192,7 +192,7 @@ class RunnerWorker:
         it may not poll, with an Event when that changes) and fill in the administrator's
         default endpoints: the runner as the worker uses it."""
         config = self.services.config
-        refusal = config.tenancy.check(runner)
+        refusal = config.tenancy.check(runner) or task_account_refusal(runner, config.sidecar_service_account)
         previous, self.health.refusal = self.health.refusal, refusal
         if refusal != previous:
             ref = task_runner_ref(self.namespace, self.name, runner.metadata.uid)

@@ -24,7 +24,7 @@ from typing import Literal
 
 from dptr_common.models import TaskRunner
 
-__all__ = ["OVERRIDES", "Refusal", "TenancyPolicy", "parse_grants"]
+__all__ = ["OVERRIDES", "Refusal", "TenancyPolicy", "parse_grants", "task_account_refusal"]
 
 Override = Literal["endpointUrl", "s3EndpointUrl", "sidecarImage", "passDataPipelineCredentials", "proxy"]
 #: TaskRunner fields that change where code runs or where requests go.
@@ -115,3 +115,23 @@ class TenancyPolicy:
                 "roles per namespace (the chart's tenancy.roleArns, the operator's --role-grant)",
             )
         return None
+
+
+def task_account_refusal(runner: TaskRunner, sidecar_account: str) -> Refusal | None:
+    """A PodIdentity TaskRunner whose pods run as the task's own ServiceAccount needs
+    ``credentials.roleArn``: the pod's account then carries the task's role, so dptr's
+    containers reach the runner's role through a token of dptr's own (docs/install.md)."""
+    spec = runner.spec
+    named = spec.job_template.service_account_name
+    if spec.credentials.mode != "PodIdentity" or named is None or named == sidecar_account:
+        return None
+    if spec.credentials.role_arn is not None:
+        return None
+    where = f"TaskRunner {runner.metadata.namespace}/{runner.metadata.name}"
+    return Refusal(
+        "TaskAccountNeedsRole",
+        f"{where}: its pods run as the task's own ServiceAccount {named!r}, whose role is the "
+        "task's; with credentials.mode PodIdentity, set credentials.roleArn to the runner's role "
+        "(trusting dptr's token audience, docs/install.md) so that dptr's containers keep the "
+        "runner's identity",
+    )
