@@ -168,7 +168,7 @@ class JobTemplate(CamelModel):
 
     image: str = Field(min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    service_account_name: str | None = None
+    service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
     resources: dict[str, Any] | None = None
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
@@ -190,13 +190,25 @@ class JobTemplate(CamelModel):
     @model_validator(mode="after")
     def _volumes_stay_clear_of_dptrs(self) -> Self:
         names = [str(v.get("name") or "") for v in self.volumes]
-        for name in names:
+        for volume, name in zip(self.volumes, names, strict=True):
             if not name or name.startswith("dptr-"):
                 raise ValueError(f"jobTemplate.volumes: name {name!r} must be set and not start with 'dptr-'")
+            sources = [k for k in volume if k != "name"]
+            if len(sources) != 1:
+                raise ValueError(f"jobTemplate.volumes: {name!r} must have exactly one volume source")
+            projected = volume.get("projected") or {}
+            if any("serviceAccountToken" in (src or {}) for src in projected.get("sources") or []):
+                # A token of the pod's account is an identity (IRSA, Pod Identity, the API):
+                # only dptr mounts one, and only into its own containers.
+                raise ValueError(f"jobTemplate.volumes: {name!r} may not project a ServiceAccount token")
+        if len(set(names)) != len(names):
+            raise ValueError("jobTemplate.volumes: names must be unique")
         for mount in self.volume_mounts:
             name, path = str(mount.get("name") or ""), str(mount.get("mountPath") or "")
             if name not in names:
                 raise ValueError(f"jobTemplate.volumeMounts: {name!r} is not one of jobTemplate.volumes")
+            if mount.get("subPathExpr"):
+                raise ValueError("jobTemplate.volumeMounts: subPathExpr is not supported (use subPath)")
             clean = "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
             if not path.startswith("/") or ".." in path.split("/") or clean == "/":
                 raise ValueError(
@@ -260,7 +272,8 @@ def parse_byte_quantity(value: str | int) -> int:
 #: Kubernetes API calls of dptr's never use a proxy, whatever this says.
 DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1,.svc,.cluster.local,169.254.169.254,169.254.170.23,fd00:ec2::23"
 
-_PROXY_URL = re.compile(r"^https?://[^\s/]+(:[0-9]+)?/?$")
+#: No userinfo (user:password@): the proxy's settings are plain env values in every pod.
+_PROXY_URL = re.compile(r"https?://[^\s/@]+(:[0-9]+)?/?")
 
 
 class ProxySettings(CamelModel):
@@ -275,7 +288,7 @@ class ProxySettings(CamelModel):
     @field_validator("https_proxy", "http_proxy")
     @classmethod
     def _proxy_url(cls, value: str | None) -> str | None:
-        if value is not None and not _PROXY_URL.match(value):
+        if value is not None and not _PROXY_URL.fullmatch(value):
             raise ValueError(f"{value!r} is not a proxy URL such as http://proxy.internal:3128")
         return value
 

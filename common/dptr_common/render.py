@@ -153,9 +153,10 @@ DPTR_CONTAINERS = (SIDECAR_CONTAINER, FETCH_CONTAINER, STAGE_IN_CONTAINER)
 
 def _own_account(runner: TaskRunner, default_account: str | None) -> bool:
     """Whether the pod runs as a ServiceAccount of the task's own (the Job template's),
-    rather than dptr's sidecar account, which carries the runner's identity."""
-    named = runner.spec.job_template.service_account_name
-    return named is not None and named != default_account
+    rather than dptr's sidecar account, which carries the runner's identity.  Decided from
+    the account the pod really runs as, so no spelling of "none" can skip the wrong side."""
+    runs_as = runner.spec.job_template.service_account_name or default_account
+    return bool(runs_as) and runs_as != default_account
 
 
 def _web_identity(runner: TaskRunner, own_account: bool) -> bool:

@@ -70,8 +70,17 @@ out= err=
 keep_path() {
   [ -n "$2" ] || return 0
   case "$2" in
-    /*) if ( : >>"$2" ) 2>/dev/null; then eval "$1=\$2"; else echo "cannot append to $2 in the task container" >"$d/.$1-path-error"; fi ;;
-    *) echo "$2 is not an absolute path" >"$d/.$1-path-error" ;;
+    "$d"|"$d"/*) printf '%s\n' "$2 is inside dptr's own log directory" >"$d/.$1-path-error" ;;
+    /*)
+      # Only a regular file (or none yet): opening a FIFO would block the task forever.
+      if [ -e "$2" ] && [ ! -f "$2" ]; then
+        printf '%s\n' "$2 is not a regular file" >"$d/.$1-path-error"
+      elif ( : >>"$2" ) 2>/dev/null; then
+        eval "$1=\$2"
+      else
+        printf '%s\n' "cannot append to $2 in the task container" >"$d/.$1-path-error"
+      fi ;;
+    *) printf '%s\n' "$2 is not an absolute path" >"$d/.$1-path-error" ;;
   esac
 }
 stdout= stderr=
@@ -86,8 +95,8 @@ if command -v mkfifo >/dev/null 2>&1 && command -v tee >/dev/null 2>&1 \
   "$@" >"$d/.stdout.fifo" 2>"$d/.stderr.fifo" &
 else
   : >"$d/.nocapture" 2>/dev/null
-  [ -z "${DPTR_STDOUT_PATH:-}" ] || echo "not written to $DPTR_STDOUT_PATH: the image has no tee or mkfifo" >"$d/.stdout-path-error"
-  [ -z "${DPTR_STDERR_PATH:-}" ] || echo "not written to $DPTR_STDERR_PATH: the image has no tee or mkfifo" >"$d/.stderr-path-error"
+  [ -z "${DPTR_STDOUT_PATH:-}" ] || printf '%s\n' "not written to $DPTR_STDOUT_PATH: the image has no tee or mkfifo" >"$d/.stdout-path-error"
+  [ -z "${DPTR_STDERR_PATH:-}" ] || printf '%s\n' "not written to $DPTR_STDERR_PATH: the image has no tee or mkfifo" >"$d/.stderr-path-error"
   "$@" &
 fi
 child=$!

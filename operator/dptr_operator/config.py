@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from dptr_common.models import ProxySettings
-from dptr_operator.tenancy import OVERRIDES, TenancyPolicy, parse_grants
+from dptr_operator.tenancy import DEFAULT_VOLUME_TYPES, OVERRIDES, TenancyPolicy, parse_grants
 
 __all__ = ["OperatorConfig", "parse_args"]
 
@@ -44,6 +44,8 @@ class OperatorConfig(BaseModel):
     role_grants: list[str] = []
     allow_any_worker_group: bool = False
     allowed_overrides: list[str] = []
+    #: Volume types jobTemplate.volumes may use; empty: DEFAULT_VOLUME_TYPES.
+    allowed_volume_types: list[str] = []
     #: Where every TaskRunner's requests go unless it may and does say otherwise.
     default_endpoint_url: str | None = None
     default_s3_endpoint_url: str | None = None
@@ -90,6 +92,7 @@ class OperatorConfig(BaseModel):
             role_arns=parse_grants(self.role_grants, what="role"),
             allow_any_worker_group=self.allow_any_worker_group,
             allowed_overrides=frozenset(self.allowed_overrides),
+            allowed_volume_types=frozenset(self.allowed_volume_types) or DEFAULT_VOLUME_TYPES,
         )
         return self
 
@@ -233,6 +236,15 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         default=_env_items(env, "DPTR_ALLOWED_OVERRIDES"),
         metavar="FIELD",
         help=f"a TaskRunner field tenants may set: {', '.join(OVERRIDES)} (repeatable)",
+    )
+    tenancy.add_argument(
+        "--allow-volume-type",
+        dest="allowed_volume_types",
+        action="append",
+        default=_env_items(env, "DPTR_ALLOWED_VOLUME_TYPES"),
+        metavar="TYPE",
+        help="a volume source TaskRunners' jobTemplate.volumes may use, e.g. persistentVolumeClaim "
+        f"(repeatable; replaces the default {', '.join(sorted(DEFAULT_VOLUME_TYPES))})",
     )
     tenancy.add_argument(
         "--default-endpoint-url",

@@ -42,6 +42,7 @@ from dptr_operator.events import pipeline_task_ref, task_runner_ref
 from dptr_operator.heartbeats import HeartbeatScheduler
 from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry
 from dptr_operator.pipelinelogs import CACHE_SECONDS as LOG_URI_CACHE_SECONDS
+from dptr_operator.pipelinelogs import ERROR_CACHE_SECONDS as LOG_URI_ERROR_SECONDS
 from dptr_operator.pipelinelogs import PipelineLogUris, with_pipeline_log_uri
 from dptr_operator.polling import RunnerWorker
 from dptr_operator.reporter import Reporter
@@ -121,7 +122,10 @@ class Dispatcher:
         self.services = services
         self.reporter = reporter
         self.scheduler = scheduler
-        self.log_uris = PipelineLogUris(services.config.scaled(LOG_URI_CACHE_SECONDS))
+        self.log_uris = PipelineLogUris(
+            services.config.scaled(LOG_URI_CACHE_SECONDS),
+            error_seconds=services.config.scaled(LOG_URI_ERROR_SECONDS),
+        )
 
     def _create_pipeline_task(self, body: Mapping[str, Any], deadline: float) -> tuple[dict[str, Any], bool]:
         ns = body["metadata"]["namespace"]
@@ -333,7 +337,9 @@ class Dispatcher:
         (:mod:`dptr_operator.pipelinelogs`); a failed lookup is an Event and a metric."""
         if task.attempt.first("pipelineLogUri"):
             return task
-        found = self.log_uris.lookup(worker.client(), task.pipeline_id)
+        spec = worker.runner.spec
+        scope = (worker.key, spec.endpoint_url, spec.region)
+        found = self.log_uris.lookup(worker.client(), task.pipeline_id, scope)
         runner_label = f"{worker.namespace}/{worker.name}"
         if not found.cached:
             result = "error" if found.problem else ("found" if found.uri else "none")

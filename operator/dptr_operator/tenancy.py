@@ -24,7 +24,14 @@ from typing import Literal
 
 from dptr_common.models import TaskRunner
 
-__all__ = ["OVERRIDES", "Refusal", "TenancyPolicy", "parse_grants", "task_account_refusal"]
+__all__ = [
+    "DEFAULT_VOLUME_TYPES",
+    "OVERRIDES",
+    "Refusal",
+    "TenancyPolicy",
+    "parse_grants",
+    "task_account_refusal",
+]
 
 Override = Literal["endpointUrl", "s3EndpointUrl", "sidecarImage", "passDataPipelineCredentials", "proxy"]
 #: TaskRunner fields that change where code runs or where requests go.
@@ -35,6 +42,13 @@ OVERRIDES: tuple[Override, ...] = (
     "passDataPipelineCredentials",
     "proxy",
 )
+
+
+#: Volume sources a TaskRunner's jobTemplate may use unless the administrator says
+#: otherwise: storage of the namespace's own.  Not hostPath (the node), secret or projected
+#: (credentials a TaskRunner's author may not be able to read themselves: the operator
+#: creates the pods), csi (secrets stores), and never a ServiceAccount token (models).
+DEFAULT_VOLUME_TYPES = frozenset({"persistentVolumeClaim", "emptyDir", "configMap", "ephemeral"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class TenancyPolicy:
     allow_any_worker_group: bool = False
     #: Which of :data:`OVERRIDES` tenants may set.
     allowed_overrides: frozenset[str] = frozenset()
+    #: Volume types (core/v1 Volume source fields) a TaskRunner's jobTemplate may use.
+    allowed_volume_types: frozenset[str] = DEFAULT_VOLUME_TYPES
 
     def check(self, runner: TaskRunner) -> Refusal | None:
         spec = runner.spec
@@ -99,6 +115,16 @@ class TenancyPolicy:
             # The path of the runner's requests (and the task's, with passToTask).
             "proxy": spec.proxy is not None,
         }
+        types = sorted(
+            {k for v in spec.job_template.volumes for k in v if k != "name"} - self.allowed_volume_types
+        )
+        if types:
+            return Refusal(
+                "VolumeTypeNotAllowed",
+                f"{where} mounts volumes of type {', '.join(types)} into its task pods; the "
+                f"administrator allows {', '.join(sorted(self.allowed_volume_types))} (the chart's "
+                "tenancy.allowedVolumeTypes, the operator's --allow-volume-type)",
+            )
         refused = [name for name in OVERRIDES if used[name] and name not in self.allowed_overrides]
         if refused:
             return Refusal(

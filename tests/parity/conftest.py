@@ -39,6 +39,8 @@ def parity_operator(node_cluster: Cluster, tmp_path: Path) -> Iterator[OperatorP
     # The sidecar reports; the operator's fallback waits 60 s (scaled) before it would
     # (a loaded CI machine has taken over 10 s from exit to report).
     extra = [*QUIET_GRACES, "--sidecar-report-grace-seconds", "6000"]
+    # hostPath stands in for a PersistentVolumeClaim (the kubelet stand-in has no PVCs).
+    extra += ["--allow-volume-type", "hostPath", "--allow-volume-type", "persistentVolumeClaim"]
     op = OperatorProcess(node_cluster.testbed, node_cluster.namespace, tmp_path, extra).start()
     try:
         yield op

@@ -308,6 +308,12 @@ def test_job_template_volumes_stay_clear_of_dptrs_own() -> None:
             "volumes": [{"name": "x", "emptyDir": {}}],
             "volumeMounts": [{"name": "x", "mountPath": "/var/run/secrets/kubernetes.io"}],
         },
+        # A token of the pod's account is an identity: never the task's to mount.
+        {"volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}]},
+        {"volumes": [{"name": "x"}]},
+        {"volumes": [{"name": "x", "emptyDir": {}, "configMap": {"name": "c"}}]},
+        {"volumes": [{"name": "x", "emptyDir": {}}, {"name": "x", "emptyDir": {}}]},
+        {"serviceAccountName": ""},
     ):
         with pytest.raises(ValidationError):
             runner(**bad)
@@ -317,3 +323,12 @@ def test_taskrunner_id_on_the_spec() -> None:
     runner = TaskRunner.from_k8s(task_runner_object(taskrunnerId="onprem-1"))
     assert runner.spec.taskrunner_id == "onprem-1"
     assert runner.spec.to_k8s()["taskrunnerId"] == "onprem-1"
+
+
+def test_a_proxy_url_carries_no_credentials() -> None:
+    from dptr_common.models import ProxySettings
+
+    assert ProxySettings(https_proxy="http://proxy.internal:3128").configured
+    for bad in ("http://user:secret@proxy:3128", "http://proxy:3128\n", "socks5://proxy:1080", "proxy:3128"):
+        with pytest.raises(ValidationError):
+            ProxySettings(https_proxy=bad)

@@ -110,3 +110,18 @@ def test_pod_identity_under_the_tasks_own_account_without_a_role_is_refused() ->
         jobTemplate={"image": "busybox", "serviceAccountName": "dptr-sidecar"},
     )
     assert task_account_refusal(same, "dptr-sidecar") is None
+
+
+def test_volume_types_are_the_administrators_call() -> None:
+    from dptr_operator.tenancy import TenancyPolicy
+
+    def runner(volume: dict[str, Any]) -> TaskRunner:
+        return _runner(jobTemplate={"image": "busybox", "volumes": [{"name": "v", **volume}]})
+
+    policy = TenancyPolicy(allow_any_worker_group=True)
+    assert policy.check(runner({"persistentVolumeClaim": {"claimName": "c"}})) is None
+    for volume in ({"hostPath": {"path": "/"}}, {"secret": {"secretName": "s"}}, {"csi": {"driver": "d"}}):
+        refusal = policy.check(runner(volume))
+        assert refusal is not None and refusal.reason == "VolumeTypeNotAllowed", volume
+    opened = TenancyPolicy(allow_any_worker_group=True, allowed_volume_types=frozenset({"hostPath"}))
+    assert opened.check(runner({"hostPath": {"path": "/data"}})) is None
