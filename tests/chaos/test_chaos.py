@@ -207,7 +207,9 @@ def build_activities(rng: random.Random, n: int) -> list[Activity]:
         else:  # deletept, deletejob: a user deletes it while it runs
             error = "dptr.PipelineTaskDeleted" if kind == "deletept" else "dptr.JobDeleted"
             command = f"echo {name} until deleted; trap 'exit 143' TERM; sleep 300 & wait"
-            out.append(Activity(name, kind, _shell(command), "FAILED", error))
+            # No retry: the harness deletes each attempt once, while the chaos runs; a retry
+            # polled as it ends would sleep out its 300 s with nobody to delete it.
+            out.append(Activity(name, kind, {**_shell(command), "maximumRetries": "0"}, "FAILED", error))
     return out
 
 

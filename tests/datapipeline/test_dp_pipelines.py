@@ -187,16 +187,29 @@ def test_false_is_final_when_the_runner_retries(svc: LocalDataPipeline, dp: Any)
 
 
 def test_the_service_does_not_time_out_a_check_the_runner_is_running(svc: LocalDataPipeline, dp: Any) -> None:
-    # preconditionTimeout 1 minute is 0.6 s here; the runner is still checking at 1.5 s.
-    pipeline_id = svc.run_pipeline(_guarded(timeout="1 minutes"), worker_group="wg-running")
+    # preconditionTimeout 5 minutes is 3 s here; the runner is still checking at 4 s (the
+    # service's backstop is at twice the timeout, 6 s).
+    pipeline_id = svc.run_pipeline(_guarded(timeout="5 minutes"), worker_group="wg-running")
     check = dp.poll_for_task(workerGroup="wg-running")["taskObject"]
     dp.report_task_progress(taskId=check["taskId"])
-    time.sleep(1.5)
+    time.sleep(4)
     assert dp.report_task_progress(taskId=check["taskId"])["canceled"] is False
     dp.set_task_status(taskId=check["taskId"], taskStatus="FINISHED")
     work = dp.poll_for_task(workerGroup="wg-running")["taskObject"]
     assert work["attemptId"].startswith("@Work_")
     assert status_of(dp, pipeline_id, check["attemptId"].removesuffix("_Attempt=1")) == "FINISHED"
+
+
+def test_a_check_running_past_twice_its_timeout_is_stopped_by_the_service(
+    svc: LocalDataPipeline, dp: Any
+) -> None:
+    # A runner whose clock is wrong must not hold the pipeline: 1 minute is 0.6 s here.
+    pipeline_id = svc.run_pipeline(_guarded(timeout="1 minutes"), worker_group="wg-backstop")
+    check = dp.poll_for_task(workerGroup="wg-backstop")["taskObject"]
+    ready = check["attemptId"].removesuffix("_Attempt=1")
+    wait_for(lambda: status_of(dp, pipeline_id, ready) == "TIMEDOUT", timeout=10, what="the backstop")
+    assert dp.report_task_progress(taskId=check["taskId"])["canceled"] is True
+    assert svc.ledger.outcomes()[check["attemptId"]] == "CANCELED"
 
 
 def test_exists_on_a_data_node_is_sent_with_its_node(svc: LocalDataPipeline, dp: Any) -> None:
