@@ -293,7 +293,7 @@ def outcome_for_termination(termination: ContainerTermination, object_type: str 
         # dptr's own check (dptr_sidecar.preconditions): only its "not found" after the
         # timeout is FALSE; anything else means it could not check (FAILED), e.g. an
         # older sidecarImage without check-exists, or a crash.
-        parsed = _parse_own_message(message)
+        parsed = parse_termination_message(message)
         if code == 1 and parsed is not None and parsed[0] == "dptr.Exists.NotFound":
             return Outcome("FALSE", parsed[0], parsed[1])
         if parsed is not None and parsed[0] != "dptr.Exists.NotFound":
@@ -315,7 +315,9 @@ def outcome_for_termination(termination: ContainerTermination, object_type: str 
     return Outcome("FAILED", error_id("ExitCode", code), _with_detail(summary, message))
 
 
-def _parse_own_message(text: str | None) -> tuple[str, str] | None:
+def parse_termination_message(text: str | None) -> tuple[str, str] | None:
+    """(errorId, message) from a termination message written by a container of dptr's own
+    (``<errorId>\\n<message>``); None for anything else."""
     first, _, rest = (text or "").strip().partition("\n")
     if not first.startswith("dptr.") or " " in first:
         return None

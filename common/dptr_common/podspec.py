@@ -14,6 +14,7 @@ use ``$(VAR)`` on purpose (docs/operator.md).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "TASK_CONTAINER",
     "command",
     "env",
+    "identity_env",
     "kubelet_literal",
     "set_env",
 ]
@@ -66,6 +68,12 @@ def env(name: str, value: str) -> dict[str, Any]:
 def command(argv: Iterable[str]) -> list[str]:
     """A container ``command`` whose process gets exactly ``argv``."""
     return [kubelet_literal(part) for part in argv]
+
+
+def identity_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    """A copy of the entries of ``container``'s env that make up its AWS identity
+    (:data:`IDENTITY_VARS`), for another container of dptr's that acts as the runner."""
+    return copy.deepcopy([e for e in container.get("env", []) if e.get("name") in IDENTITY_VARS])
 
 
 def set_env(container: dict[str, Any], entries: list[dict[str, Any]]) -> None:

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dptr_common.errors import TaskError
-from dptr_common.podspec import IDENTITY_VARS, TASK_CONTAINER, command
+from dptr_common.podspec import TASK_CONTAINER, command, identity_env
 from dptr_common.podspec import env as _env
 from dptr_common.staging_plan import DataNodeLocation, as_pipeline_object, data_node_location
 from dptr_common.task import EXISTS_PRECONDITION, Task
@@ -195,8 +195,7 @@ def exists_container(
             where.append(_env("DPTR_ENDPOINT_URL", endpoint_url))
     # The sidecar's AWS identity (its keys, and the TaskRunner's role on top): this
     # container runs dptr's code only, like dptr-stage-in.
-    identity = IDENTITY_VARS
-    credentials = copy.deepcopy([e for e in sidecar.get("env", []) if e.get("name") in identity])
+    credentials = identity_env(sidecar)
     env = [
         _env("DPTR_EXISTS_NODE", task.node),
         *where,

@@ -32,11 +32,11 @@ from typing import Any
 
 from dptr_common.models import TaskRunner
 from dptr_common.podspec import (
-    IDENTITY_VARS,
     SIDECAR_CONTAINER,
     STAGE_IN_CONTAINER,
     TASK_CONTAINER,
     command,
+    identity_env,
     set_env,
 )
 from dptr_common.podspec import env as _env
@@ -143,8 +143,7 @@ def _stage_in_container(
     plan: StagingPlan, runner: TaskRunner, sidecar: dict[str, Any], s3_env: list[dict[str, Any]]
 ) -> dict[str, Any]:
     # The sidecar's AWS identity: its keys, and the TaskRunner's role to assume on top.
-    identity = IDENTITY_VARS
-    credentials = [e for e in sidecar.get("env", []) if e.get("name") in identity]
+    credentials = identity_env(sidecar)
     env = [
         _env("DPTR_STAGING_PLAN", plan.to_json()),
         _env("DPTR_STAGING_ROOT", STAGING_ROOT),
@@ -155,7 +154,7 @@ def _stage_in_container(
     ]
     if plan.unresolved and runner.spec.endpoint_url:
         env.append(_env("DPTR_ENDPOINT_URL", runner.spec.endpoint_url))
-    env += copy.deepcopy(credentials)
+    env += credentials
     return {
         "name": STAGE_IN_CONTAINER,
         "image": sidecar["image"],

@@ -30,7 +30,7 @@ from typing import Any
 
 from dptr_common.awsauth import AssumedRole
 from dptr_common.datapipeline import DataPipelineClient, DataPipelineError, call_with_retry
-from dptr_common.errors import Outcome, TaskError, error_id
+from dptr_common.errors import Outcome, TaskError, error_id, parse_termination_message
 from dptr_common.render_staging import PLAN_DIR
 from dptr_common.staging_plan import STAGING_ROOT, StagedNode, StagingPlan, data_node_location
 
@@ -337,16 +337,6 @@ def write_termination_message(error: TaskError, env: Mapping[str, str] | None = 
     target = Path(env.get("DPTR_TERMINATION_LOG") or TERMINATION_LOG)
     with contextlib.suppress(OSError):
         target.write_text(text[:4000])
-
-
-def parse_termination_message(text: str | None) -> tuple[str, str] | None:
-    """(errorId, message) from a termination message written by an init container of ours."""
-    if not text:
-        return None
-    first, _, rest = text.strip().partition("\n")
-    if not first.startswith("dptr.") or " " in first:
-        return None
-    return first, rest.strip()
 
 
 _INIT_FAILURE_IDS = {
