@@ -206,6 +206,9 @@ def test_a_check_running_past_twice_its_timeout_is_stopped_by_the_service(
     # A runner whose clock is wrong must not hold the pipeline: 1 minute is 0.6 s here.
     pipeline_id = svc.run_pipeline(_guarded(timeout="1 minutes"), worker_group="wg-backstop")
     check = dp.poll_for_task(workerGroup="wg-backstop")["taskObject"]
+    # Acknowledged, so the 2-minute ack deadline (1.2 s here, the backstop's time too)
+    # cannot reassign it first: a CI run saw that race.
+    dp.report_task_progress(taskId=check["taskId"])
     ready = check["attemptId"].removesuffix("_Attempt=1")
     wait_for(lambda: status_of(dp, pipeline_id, ready) == "TIMEDOUT", timeout=10, what="the backstop")
     assert dp.report_task_progress(taskId=check["taskId"])["canceled"] is True
