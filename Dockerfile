@@ -8,10 +8,14 @@
 #   sidecar   runs beside every task container, heartbeats the task at AWS Data
 #             Pipeline and reports how it ended. Core dependencies only
 #             (boto3, pydantic): no kopf, no Kubernetes client.
+#   activity  the task container of SqlActivity attempts (dptr-activity): the
+#             sidecar's packages, dptr_activities and the `activities` extra
+#             (psycopg with its bundled libpq, PyMySQL).
 #
 # Build from the repository root:
 #   docker build --target operator -t dptr-operator .
 #   docker build --target sidecar -t dptr-sidecar .
+#   docker build --target activity -t dptr-activity .
 #
 # BASE_IMAGE is Debian bookworm, whose python3 is the project's Python 3.11.
 # The test bed swaps it for a base assembled locally from Debian packages
@@ -48,6 +52,22 @@ RUN /opt/dptr/bin/pip install --no-cache-dir --disable-pip-version-check --no-de
  && /opt/dptr/bin/python -c 'import dptr_sidecar, dptr_common' \
  && ! /opt/dptr/bin/python -c 'import kopf' 2>/dev/null \
  && ! /opt/dptr/bin/python -c 'import kubernetes' 2>/dev/null
+
+# ---- build-activity: the venv with dptr and the activities extra -----------
+FROM build AS build-activity
+ARG PIP_CERT=
+COPY pyproject.toml /src/pyproject.toml
+RUN python3 -c "import sys, tomllib; d = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(d['dependencies'] + [r for e in sys.argv[1:] for r in d['optional-dependencies'][e]]))" activities > /tmp/requirements.txt \
+ && /opt/dptr/bin/pip install --no-cache-dir --disable-pip-version-check ${PIP_CERT:+--cert "$PIP_CERT"} \
+      -r /tmp/requirements.txt 'setuptools>=69' wheel
+COPY README.md /src/
+COPY common /src/common
+COPY sidecar /src/sidecar
+COPY activities /src/activities
+RUN /opt/dptr/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation /src \
+ && /opt/dptr/bin/pip uninstall -y --disable-pip-version-check pip setuptools wheel \
+ && /opt/dptr/bin/python -c 'import dptr_activities.connect, psycopg, pymysql' \
+ && ! /opt/dptr/bin/python -c 'import kopf' 2>/dev/null
 
 # ---- build-operator: the venv with dptr and the operator extra -------------
 FROM build AS build-operator
@@ -86,6 +106,14 @@ ENV PATH=/opt/dptr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONUNBUFFERED=1
 USER 65532:65532
 ENTRYPOINT ["dptr-sidecar"]
+
+FROM runtime AS activity
+COPY --from=build-activity /opt/dptr /opt/dptr
+ENV PATH=/opt/dptr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 65532:65532
+ENTRYPOINT ["dptr-activity"]
 
 FROM runtime AS operator
 COPY --from=build-operator /opt/dptr /opt/dptr

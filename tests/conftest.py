@@ -8,6 +8,9 @@ break the bed on purpose (API server restarts, lost nodes) start their own.
 
 moto's S3 in server mode on loopback (never AWS) serves the session too; every test
 gets its own buckets (``s3_bucket``), so tests do not see each other's objects.
+
+So do a PostgreSQL and a MariaDB server (``postgres``, ``mariadb``): Debian's, on
+loopback, one of each per xdist worker, started when a test first asks.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pytest
 from dptr_datapipeline import LocalDataPipeline
 from dptr_sidecar.s3 import S3Client
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.databases import DatabaseServer, mariadb_server, postgres_server
 from dptr_testbed.installs import install_crds, install_sidecar_admission_policy
 from dptr_testbed.waiting import wait_for
 
@@ -221,3 +225,22 @@ def s3_bucket(s3_raw: Any) -> str:
     name = "t-" + uuid.uuid4().hex[:12]
     s3_raw.create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------- databases
+
+
+# No skip when a server cannot start: a test that needs a database fails (with the server's
+# log), so a machine without the packages shows up red rather than quietly testing less.
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
+    """A PostgreSQL server on loopback for this session (this xdist worker)."""
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
+    """A MariaDB server on loopback for this session (this xdist worker)."""
+    with mariadb_server(tmp_path_factory.mktemp("mariadb")) as server:
+        yield server

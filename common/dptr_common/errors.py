@@ -303,6 +303,11 @@ def outcome_for_termination(termination: ContainerTermination, object_type: str 
             "dptr.Exists.CheckDidNotRun",
             _with_detail(f"the Exists check exited with code {code}", message),
         )
+    if object_type in ("SqlActivity", "CopyActivity"):
+        # dptr-activity (dptr's own code) names the database's error class and position.
+        parsed = parse_termination_message(message)
+        if parsed is not None:
+            return Outcome("FAILED", parsed[0], parsed[1])
     summary = f"the task container exited with code {code}"
     if code in _EXIT_HINTS:
         summary += f" ({_EXIT_HINTS[code]})"

@@ -366,6 +366,8 @@ class TaskRunnerSpec(CamelModel):
     pass_data_pipeline_credentials: bool = False
     history_limits: HistoryLimits = Field(default_factory=HistoryLimits)
     sidecar_image: str | None = None
+    #: The image of SqlActivity attempts (dptr-activity); unset, the operator's --activity-image.
+    activity_image: str | None = Field(default=None, min_length=1, max_length=1024)
     task_io: TaskIOLimits = Field(default_factory=TaskIOLimits, alias="taskIO")
     #: The proxy of this runner's pods (dptr's containers; the task's with passToTask);
     #: unset, the operator's own (Helm ``proxy``).
@@ -463,6 +465,10 @@ class PipelineTaskSpec(CamelModel):
         cls, task: Task, *, task_runner: str, polled_by: str | None = None, polled_at: datetime | None = None
     ) -> PipelineTaskSpec:
         strings, refs = task.fields_map()
+        # '*' fields are Data Pipeline's secret ones: never in the PipelineTask (a SqlActivity
+        # gets its database's from the per-attempt Secret, dptr_common.render_activity).
+        strings = {k: v for k, v in strings.items() if not k.startswith("*")}
+        refs = {k: v for k, v in refs.items() if not k.startswith("*")}
         return cls(
             task_runner=task_runner,
             task_id=task.task_id,

@@ -41,6 +41,7 @@ import re
 from typing import Any
 
 from dptr_common import naming
+from dptr_common.activity_plan import ACTIVITY_TYPES, MANAGED_RESOURCE_TYPES, SQL_ACTIVITY, ActivityPlan
 from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
 from dptr_common.bounds import check_job, check_string
 from dptr_common.errors import TaskError
@@ -56,6 +57,7 @@ from dptr_common.podspec import (
     set_env,
 )
 from dptr_common.podspec import env as _env
+from dptr_common.render_activity import activity_container, plan_volume
 from dptr_common.render_preconditions import check_timing, exists_container, wrap_check
 from dptr_common.render_staging import render_staging, wants_task_io
 from dptr_common.task import EXISTS_PRECONDITION, SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
@@ -76,7 +78,13 @@ __all__ = [
     "task_argv",
 ]
 
-SUPPORTED_TYPES = frozenset({SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, EXISTS_PRECONDITION})
+SUPPORTED_TYPES = frozenset(
+    {SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, EXISTS_PRECONDITION, SQL_ACTIVITY}
+)
+#: Types whose task container runs dptr's own code, as the runner (its AWS identity).
+OWN_CODE_TYPES = frozenset({EXISTS_PRECONDITION, SQL_ACTIVITY})
+#: The activity image when the operator is given none (--activity-image).
+DEFAULT_ACTIVITY_IMAGE = "ghcr.io/dptr-dev/dptr-activity:0.1.0"
 
 SCRIPT_VOLUME = "dptr-script"
 SCRIPT_DIR = "/dptr/script"
@@ -215,6 +223,13 @@ def choose_image(task: Task, runner: TaskRunner) -> str:
 
 
 def _check_supported(task: Task) -> None:
+    if task.object_type in MANAGED_RESOURCE_TYPES:
+        raise TaskError(
+            f"dptr.NeedsManagedResource.{task.object_type}",
+            f"{task.object_type} needs Hadoop, Hive or Pig on an EMR cluster (Redshift's COPY from "
+            "S3, for RedshiftCopyActivity), which a dptr task pod does not have: run it with runsOn, "
+            "or with the official Task Runner on the cluster's master node",
+        )
     if task.object_type not in SUPPORTED_TYPES:
         raise TaskError(
             "dptr.UnknownActivityType",
@@ -227,8 +242,10 @@ def task_argv(task: Task) -> list[str]:
     """The user's command line (a shell activity's or precondition's); raises TaskError
     for what cannot run."""
     _check_supported(task)
-    if task.object_type == EXISTS_PRECONDITION:
-        raise TaskError("dptr.InvalidTask.Exists.NoCommand", "an Exists precondition runs no command")
+    if task.object_type in OWN_CODE_TYPES:
+        raise TaskError(
+            f"dptr.InvalidTask.{task.object_type}.NoCommand", f"a {task.object_type} runs no shell command"
+        )
     command = task.command if task.command and task.command.strip() else None
     if command and task.script_uri:
         raise TaskError("dptr.InvalidTask.CommandAndScriptUri", "give either command or scriptUri, not both")
@@ -412,6 +429,8 @@ def render_job(
     sidecar_env: dict[str, str] | None = None,
     time_scale: float = 1.0,
     proxy: ProxySettings | None = None,
+    activity_image: str = DEFAULT_ACTIVITY_IMAGE,
+    activity_plan: ActivityPlan | None = None,
 ) -> dict[str, Any]:
     """The whole Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
 
@@ -437,6 +456,8 @@ def render_job(
         owner=owner,
         service_account_name=service_account_name,
         time_scale=time_scale,
+        activity_image=activity_image,
+        activity_plan=activity_plan,
     )
     job = render_staging(job, task, runner)
     pod = job["spec"]["template"]["spec"]
@@ -445,8 +466,8 @@ def render_job(
     elif wants_task_io(job):
         pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS + UPLOAD_GRACE_SECONDS
     ours = list(pod["initContainers"])
-    if task.object_type == EXISTS_PRECONDITION:
-        ours += pod["containers"]  # dptr's own check, e.g. AWS_ENDPOINT_URL_STS for its role
+    if task.object_type in OWN_CODE_TYPES:
+        ours += pod["containers"]  # dptr's own code, e.g. AWS_ENDPOINT_URL_STS for its role
     if any(v.get("name") == RUNNER_TOKEN_VOLUME for v in pod.get("volumes", [])):
         for container in ours:
             mounts = container.setdefault("volumeMounts", [])
@@ -456,7 +477,7 @@ def render_job(
     chosen = runner.spec.proxy or proxy
     if chosen is not None and chosen.configured:
         proxied = ours + (
-            [] if task.object_type == EXISTS_PRECONDITION or not chosen.pass_to_task else pod["containers"]
+            [] if task.object_type in OWN_CODE_TYPES or not chosen.pass_to_task else pod["containers"]
         )
         for container in proxied:
             set_env(container, [_env(name, value) for name, value in chosen.env().items()])
@@ -473,6 +494,8 @@ def render_base_job(
     owner: dict[str, Any],
     service_account_name: str | None = None,
     time_scale: float = 1.0,
+    activity_image: str = DEFAULT_ACTIVITY_IMAGE,
+    activity_plan: ActivityPlan | None = None,
 ) -> dict[str, Any]:
     """The Job without staging or S3 log capture (what :func:`render_job` builds on).
 
@@ -481,17 +504,23 @@ def render_base_job(
     unless the TaskRunner sets ``sidecarImage``.  ``service_account_name`` is the
     operator's default for the pod when the template names none (the account the
     sidecar's RBAC is bound to).  :func:`render_job` adds ``sidecar_env`` to every init
-    container once the staging containers exist.
+    container once the staging containers exist.  A SqlActivity needs its
+    ``activity_plan`` (:func:`dptr_common.activity_plan.build_plan`): the Job mounts it from
+    the per-attempt Secret named like the Job (:func:`dptr_common.render_activity.activity_secret`),
+    which the caller creates first.
 
     Raises :class:`TaskError` (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``,
     ``dptr.InvalidTask.*``) for a task that cannot run; nothing must be created then.
     """
     _check_supported(task)
     exists = task.object_type == EXISTS_PRECONDITION
-    argv = [] if exists else task_argv(task)
+    own_code = task.object_type in OWN_CODE_TYPES
+    if task.object_type in ACTIVITY_TYPES and activity_plan is None:
+        raise ValueError(f"a {task.object_type} is rendered with its activity_plan")
+    argv = [] if own_code else task_argv(task)
     if task.object_type == SHELL_COMMAND_PRECONDITION:
         argv = wrap_check(argv)
-    image = runner.spec.job_template.image if exists else choose_image(task, runner)
+    image = runner.spec.job_template.image if own_code else choose_image(task, runner)
     owner_ref = _owner_reference(owner)
     template = runner.spec.job_template
     sidecar_image = runner.spec.sidecar_image or sidecar_image
@@ -525,8 +554,10 @@ def render_base_job(
     if own_account:
         # The task's own account: its role is for the task; dptr's containers use the
         # runner's identity (keys, or dptr's own token) and never carry the task's.
-        pod_annotations[SKIP_CONTAINERS] = ",".join([*DPTR_CONTAINERS, *([TASK_CONTAINER] if exists else [])])
-    elif not exists and not (
+        pod_annotations[SKIP_CONTAINERS] = ",".join(
+            [*DPTR_CONTAINERS, *([TASK_CONTAINER] if own_code else [])]
+        )
+    elif not own_code and not (
         runner.spec.pass_data_pipeline_credentials and runner.spec.credentials.mode == "PodIdentity"
     ):
         # dptr's account carries the runner's identity: the task must not get it (in any
@@ -545,6 +576,15 @@ def render_base_job(
             endpoint_url=runner.spec.endpoint_url,
             s3_endpoint_url=runner.spec.s3_endpoint_url,
             timing=timing,
+        )
+    elif task.object_type == SQL_ACTIVITY:
+        task_container = activity_container(
+            sidecar,
+            image=runner.spec.activity_image or activity_image,
+            region=runner.spec.region,
+            s3_endpoint_url=runner.spec.s3_endpoint_url,
+            resources=template.resources,
+            image_pull_policy=template.image_pull_policy,
         )
     else:
         task_container = {
@@ -569,7 +609,9 @@ def render_base_job(
 
     init_containers = [sidecar]
     volumes = [_token_volume(), {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}]
-    if task.script_uri and not exists:
+    if own_code and task.object_type != EXISTS_PRECONDITION:
+        volumes.append(plan_volume(name))
+    if task.script_uri and not own_code:
         init_containers.append(_fetcher(task, runner, sidecar_image, web_identity=web_identity))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
         task_container["volumeMounts"] = [

@@ -135,7 +135,14 @@ def log_env(task: Task) -> dict[str, str]:
     return {k: v for k, v in values.items() if v}
 
 
+#: Types whose task container runs dptr's own code: their output is dptr's log (kubectl
+#: logs, the errorStackTrace tail), not a user's stdout/stderr to capture and upload.
+_OWN_CODE_TYPES = frozenset({"Exists", "SqlActivity"})
+
+
 def _logs_wanted(task: Task) -> bool:
+    if task.object_type in _OWN_CODE_TYPES:
+        return False
     return bool(task.stdout or task.stderr or task.attempt.first("pipelineLogUri"))
 
 

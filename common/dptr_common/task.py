@@ -32,6 +32,7 @@ __all__ = [
     "TaskError",
     "TaskField",
     "parse_bool",
+    "parse_object",
     "parse_period",
     "parse_task",
 ]
@@ -173,7 +174,8 @@ def _parse_field(raw: Any, object_id: str, index: int) -> TaskField:
     return TaskField(key=raw["key"], string_value=string_value, ref_value=ref_value)
 
 
-def _parse_object(object_id: str, raw: Any) -> PipelineObject:
+def parse_object(object_id: str, raw: Any) -> PipelineObject:
+    """One object of a PollForTask ``objects`` map or of DescribeObjects' answer."""
     if not isinstance(raw, Mapping):
         raise TaskError("dptr.InvalidTask.MalformedObject", f"object {object_id!r} is not an object")
     raw_fields = raw.get("fields", [])
@@ -376,7 +378,7 @@ def parse_task(task_object: Any) -> Task:
             "dptr.InvalidTask.MissingAttemptObject",
             f"objects has no entry for the attempt {attempt_id!r}",
         )
-    objects = {str(k): _parse_object(str(k), v) for k, v in raw_objects.items()}
+    objects = {str(k): parse_object(str(k), v) for k, v in raw_objects.items()}
     attempt = objects.pop(attempt_id)
     return Task.from_fields(
         task_id=task_object.get("taskId") or "",  # validated there

@@ -16,11 +16,11 @@ from typing import Any
 # The activity and precondition types this service queues as tasks. Other
 # types (data nodes, resources, schedules, ...) are accepted and kept as
 # plain objects that tasks may reference.
-ACTIVITY_TYPES = frozenset({"ShellCommandActivity"})
+ACTIVITY_TYPES = frozenset({"ShellCommandActivity", "SqlActivity", "CopyActivity"})
 # Exists is user-managed: its check runs on the runner, against the runtime ``node``.
 PRECONDITION_TYPES = frozenset({"ShellCommandPrecondition", "Exists"})
 # The types that run a user's command or script.
-RUNNABLE_TYPES = ACTIVITY_TYPES | {"ShellCommandPrecondition"}
+RUNNABLE_TYPES = frozenset({"ShellCommandActivity", "ShellCommandPrecondition"})
 
 DEFAULT_OBJECT_ID = "Default"
 
@@ -228,6 +228,15 @@ class Definition:
                     err(obj.id, f"ERROR: {kind} requires one of 'command' or 'scriptUri'")
                 elif has_command and has_script:
                     err(obj.id, f"ERROR: {kind} accepts only one of 'command' or 'scriptUri'")
+            if kind == "SqlActivity":
+                if self.first(obj.id, "database") is None:
+                    err(obj.id, "ERROR: SqlActivity requires 'database'")
+                if (self.first(obj.id, "script") is None) == (self.first(obj.id, "scriptUri") is None):
+                    err(obj.id, "ERROR: SqlActivity requires exactly one of 'script' or 'scriptUri'")
+            if kind == "CopyActivity":
+                for key in ("input", "output"):
+                    if self.first(obj.id, key) is None:
+                        err(obj.id, f"ERROR: CopyActivity requires '{key}'")
             if kind in ACTIVITY_TYPES and self.first(obj.id, "workerGroup") is None:
                 if self.first(obj.id, "runsOn") is None:
                     err(obj.id, "ERROR: one of 'runsOn' or 'workerGroup' must be specified")

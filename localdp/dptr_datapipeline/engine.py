@@ -547,12 +547,20 @@ class Engine:
         objects = {a.id: self._attempt_object(a, evaluated=True)}
         defn = inst.pipeline.active_definition
         assert defn is not None
-        # Data nodes an activity reads or writes travel with the task, so a
-        # runner can stage them without another call.
-        for key in ("input", "output"):
-            for ref in defn.all_values(inst.component_id, key):
-                if ref in defn.objects:
-                    objects[ref] = self._component_object(inst.pipeline, ref, evaluated=True)
+        # Data nodes an activity reads or writes travel with the task, so a runner can
+        # stage them without another call; so do the database of a SqlActivity or a
+        # SqlDataNode and a node's dataFormat, with their '*' fields (the runner connects
+        # with them).  A guess at what the real service sends, documented in
+        # docs/local-datapipeline.md.
+        queue = [
+            ref for key in ("input", "output", "database") for ref in defn.all_values(inst.component_id, key)
+        ]
+        while queue:
+            ref = queue.pop(0)
+            if ref in objects or ref not in defn.objects:
+                continue
+            objects[ref] = self._component_object(inst.pipeline, ref, evaluated=True)
+            queue += [r for key in ("database", "dataFormat") for r in defn.all_values(ref, key)]
         # And the data node a precondition checks (its runtime 'node'); a guess at what
         # the real service sends, documented in docs/local-datapipeline.md.
         if inst.node is not None and inst.node in defn.objects:

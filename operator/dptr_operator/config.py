@@ -32,6 +32,8 @@ class OperatorConfig(BaseModel):
     time_scale: float = Field(default=1.0, gt=0, le=10)
 
     sidecar_image: str = "ghcr.io/dptr-dev/dptr:0.1.0"
+    #: The image of SqlActivity attempts (a TaskRunner's activityImage wins).
+    activity_image: str = "ghcr.io/dptr-dev/dptr-activity:0.1.0"
     sidecar_service_account: str = "dptr-sidecar"
     #: NAME=VALUE pairs every dptr container of a task pod gets (not the task's own).
     sidecar_env: list[str] = []
@@ -190,6 +192,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         "--sidecar-image",
         default=env.get("DPTR_SIDECAR_IMAGE") or "ghcr.io/dptr-dev/dptr:0.1.0",
         help="default image of the dptr sidecar (a TaskRunner's sidecarImage wins)",
+    )
+    parser.add_argument(
+        "--activity-image",
+        default=env.get("DPTR_ACTIVITY_IMAGE") or "ghcr.io/dptr-dev/dptr-activity:0.1.0",
+        help="image of SqlActivity attempts: dptr-activity and its database drivers (a TaskRunner's "
+        "activityImage wins); env DPTR_ACTIVITY_IMAGE",
     )
     parser.add_argument(
         "--sidecar-service-account",

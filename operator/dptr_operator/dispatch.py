@@ -34,10 +34,12 @@ from dptr_common import ledger, naming
 from dptr_common.bounds import check_object
 from dptr_common.datapipeline import DataPipelineError, TaskGone, Throttled, TransientError, call_with_retry
 from dptr_common.errors import TaskError, outcome_for_task_error
-from dptr_common.kube import ApiError, Conflict, NotFound, job_path, pipelinetask_path
+from dptr_common.kube import ApiError, Conflict, NotFound, job_path, namespaced_path, pipelinetask_path
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTask, PipelineTaskSpec
 from dptr_common.render import render_job
+from dptr_common.render_activity import activity_secret
 from dptr_common.task import Task, parse_task
+from dptr_operator.activities import plan_for
 from dptr_operator.events import pipeline_task_ref, task_runner_ref
 from dptr_operator.heartbeats import HeartbeatScheduler
 from dptr_operator.index import ATTEMPT_FINALIZER, TaskEntry
@@ -288,6 +290,7 @@ class Dispatcher:
             update={"heartbeat_interval_seconds": worker.plan.interval_seconds}
         )
         task = self._with_log_uri(worker, entry, task)
+        plan = plan_for(task, worker.client(), budget=self.services.config.scaled(30))
         job = render_job(
             task,
             runner,
@@ -298,9 +301,23 @@ class Dispatcher:
             sidecar_env=self.services.config.sidecar_container_env,
             time_scale=self.services.config.time_scale,
             proxy=self.services.config.proxy,
+            activity_image=self.services.config.activity_image,
+            activity_plan=plan,
         )
         name = str(job["metadata"]["name"])
         deadline = time.monotonic() + self.services.config.scaled(30)
+        if plan is not None:
+            # Before the Job: a pod whose Secret is missing would wait in ContainerCreating.
+            secret = activity_secret(
+                plan,
+                name=name,
+                namespace=entry.namespace,
+                owner_ref=job["metadata"]["ownerReferences"][0],
+                labels=job["metadata"]["labels"],
+            )
+            self._create(
+                secret, namespaced_path("api/v1", "secrets", entry.namespace), "Secret", worker, deadline
+            )
         while True:
             try:
                 with self.services.metrics.timed("CreateJob"):
@@ -331,6 +348,31 @@ class Dispatcher:
                         self.services.config.scaled(30), f"the namespace's quota refused a Job: {exc}"
                     )
                 raise rejection(exc, "Job") from exc
+
+    def _create(
+        self, body: dict[str, Any], path: str, kind: str, worker: RunnerWorker, deadline: float
+    ) -> None:
+        """Create one object the Job needs (AlreadyExists is success: an earlier try of this
+        attempt made it); raises TaskError for a refusal, JobPending while the API server
+        does not answer."""
+        while True:
+            try:
+                with self.services.metrics.timed(f"Create{kind}"):
+                    self.services.kube.create(path, body)
+                return
+            except Conflict as exc:
+                if exc.reason == "AlreadyExists":
+                    return
+                raise rejection(exc, kind) from exc
+            except ApiError as exc:
+                if exc.status in _TRANSIENT and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                if exc.status in _TRANSIENT:
+                    raise JobPending(
+                        f"the API server did not answer for the {kind} ({exc}); it is created later", exc
+                    ) from exc
+                raise rejection(exc, kind) from exc
 
     def _with_log_uri(self, worker: RunnerWorker, entry: TaskEntry, task: Task) -> Task:
         """The task with its pipeline's ``Default.pipelineLogUri`` when the attempt lacks one
@@ -415,7 +457,11 @@ class Dispatcher:
         """A task that gets no Job (invalid, too large, or its Job refused): Events on the
         PipelineTask and the TaskRunner, and FAILED through the ledger, once."""
         entry.job_pending_since = None  # no Job is coming: the report below is the outcome
-        reason = "JobRejected" if err.error_id.startswith("dptr.JobRejected.") else "InvalidTask"
+        reason = (
+            "JobRejected"
+            if err.error_id.startswith(("dptr.JobRejected.", "dptr.SecretRejected."))
+            else "InvalidTask"
+        )
         ref = pipeline_task_ref(entry.namespace, entry.name, entry.uid)
         self.services.events.emit(ref, reason, f"{err.error_id}: {err.message}", "Warning")
         self.services.events.emit(

@@ -33,12 +33,15 @@ __all__ = [
     "task_account_refusal",
 ]
 
-Override = Literal["endpointUrl", "s3EndpointUrl", "sidecarImage", "passDataPipelineCredentials", "proxy"]
+Override = Literal[
+    "endpointUrl", "s3EndpointUrl", "sidecarImage", "activityImage", "passDataPipelineCredentials", "proxy"
+]
 #: TaskRunner fields that change where code runs or where requests go.
 OVERRIDES: tuple[Override, ...] = (
     "endpointUrl",
     "s3EndpointUrl",
     "sidecarImage",
+    "activityImage",
     "passDataPipelineCredentials",
     "proxy",
 )
@@ -110,6 +113,8 @@ class TenancyPolicy:
             "endpointUrl": spec.endpoint_url is not None,
             "s3EndpointUrl": spec.s3_endpoint_url is not None,
             "sidecarImage": spec.sidecar_image is not None,
+            # dptr's SqlActivity code, with the runner's identity and the database password.
+            "activityImage": spec.activity_image is not None,
             "passDataPipelineCredentials": spec.pass_data_pipeline_credentials
             and spec.credentials.mode == "PodIdentity",
             # The path of the runner's requests (and the task's, with passToTask).

@@ -177,6 +177,26 @@ class S3Client:
             raise
         return written
 
+    def iter_object(self, uri: S3Uri, *, limit: int | None = None) -> Iterator[bytes]:
+        """One object's bytes in :data:`CHUNK_SIZE` pieces; past ``limit`` bytes, S3Error ``TooLarge``."""
+        try:
+            body = self._client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
+        except Exception as exc:
+            raise self._error(exc, uri) from exc
+        read = 0
+        try:
+            for chunk in body.iter_chunks(CHUNK_SIZE):
+                read += len(chunk)
+                if limit is not None and read > limit:
+                    raise S3Error("TooLarge", f"{uri} is larger than {limit} bytes", uri=str(uri))
+                yield chunk
+        except S3Error:
+            raise
+        except Exception as exc:
+            raise self._error(exc, uri) from exc
+        finally:
+            body.close()
+
     def exists(self, uri: S3Uri) -> bool:
         try:
             self._client.head_object(Bucket=uri.bucket, Key=uri.key)

@@ -61,6 +61,11 @@ PACKAGES = {
     "ip": "iproute2",
     # Not the node's: the proxy server tests/parity/test_parity_proxy.py runs on loopback.
     "tinyproxy": "tinyproxy",
+    # Not the node's: the database servers tests/conftest.py (dptr_testbed.databases) runs on
+    # loopback.  The server binaries are off PATH in /usr/lib/postgresql/<version>/bin;
+    # pg_ctlcluster (postgresql-common, which every server version depends on) stands for them.
+    "pg_ctlcluster": "postgresql",
+    "mariadbd": "mariadb-server",
 }
 CNI_PACKAGE = "containernetworking-plugins"
 CGROUP_V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer")

@@ -113,6 +113,7 @@ OPERATOR_MAY: list[Case] = [
     ("create", "events", "a", ()),
     ("list", "events", "a", ()),  # a Job's FailedCreate
     ("get", f"secrets/{CREDS}", "a", ()),
+    ("create", "secrets", "a", ()),  # a SqlActivity attempt's plan (never read back)
     ("create", LEASES, "rel", ()),
     ("get", f"{LEASES}/dptr-operator", "rel", ()),
     ("update", f"{LEASES}/dptr-operator", "rel", ()),
@@ -123,7 +124,8 @@ OPERATOR_MAY_NOT: list[Case] = [
     ("get", "secrets/another-secret", "a", ()),
     ("list", "secrets", "a", ()),
     ("watch", "secrets", "a", ()),
-    ("create", "secrets", "a", ()),
+    ("update", "secrets", "a", ()),
+    ("delete", "secrets", "a", ()),
     # No way into or around pods.
     ("create", "pods", "a", ("--subresource=exec",)),
     ("create", "pods", "a", ("--subresource=attach",)),
@@ -162,6 +164,7 @@ OPERATOR_NAMESPACED_ONLY: list[Case] = [
     ("list", PT, "c", ()),
     ("create", PT, "c", ()),
     ("create", JOBS, "c", ()),
+    ("create", "secrets", "c", ()),
     ("list", "pods", "c", ()),
     ("get", f"secrets/{CREDS}", "c", ()),
     ("list", PT, None, ("--all-namespaces",)),

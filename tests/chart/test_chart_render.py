@@ -132,12 +132,13 @@ def test_defaults_serve_the_release_namespace_with_roles(helm: Helm) -> None:
     args = _container(docs)["args"]
     assert "--namespace=dptr-system" in args
     assert "--sidecar-image=ghcr.io/dptr-dev/dptr-sidecar:0.1.0" in args
+    assert "--activity-image=ghcr.io/dptr-dev/dptr-activity:0.1.0" in args
     assert "--sidecar-service-account=dptr-sidecar" in args
     assert "--lease-namespace=dptr-system" in args
 
 
 def test_no_rule_grants_more_than_documented(helm: Helm) -> None:
-    """No wildcard, no exec/attach/port-forward, no Secret list/watch, nothing cluster-scoped."""
+    """No wildcard, no exec/attach/port-forward, no Secret read but by name, nothing cluster-scoped."""
     docs = helm.render(values=VALUE_SETS["everything"]("dptr-system", NS_A, NS_B))
     docs += helm.render(values=VALUE_SETS["all-namespaces"]("dptr-system", NS_A, NS_B))
     for doc in _by_kind(docs, "Role") + _by_kind(docs, "ClusterRole"):
@@ -148,7 +149,11 @@ def test_no_rule_grants_more_than_documented(helm: Helm) -> None:
             ), rule
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
             if "secrets" in rule["resources"]:
-                assert rule["verbs"] == ["get"] and rule.get("resourceNames"), rule
+                # Read only by name (credentials); written only as create (a SqlActivity's
+                # plan): never list, watch, update or delete.
+                assert (rule["verbs"] == ["get"] and rule.get("resourceNames")) or rule["verbs"] == [
+                    "create"
+                ], rule
             assert rule["apiGroups"] != ["rbac.authorization.k8s.io"], rule
 
 

@@ -112,6 +112,7 @@ OPERATOR_LAYERS: list[set[str]] = [
         "leader",
         "metrics",
         "outcomes",
+        "activities",
         "pipelinelogs",
         "services",
         "statuswriter",

@@ -409,6 +409,13 @@ def test_image_allow_list() -> None:
     [
         (
             [{"key": "type", "stringValue": "HiveActivity"}, {"key": "command", "stringValue": "x"}],
+            "dptr.NeedsManagedResource.HiveActivity",
+        ),
+        (
+            [
+                {"key": "type", "stringValue": "DynamoDBExportActivity"},
+                {"key": "command", "stringValue": "x"},
+            ],
             "dptr.UnknownActivityType",
         ),
         ([{"key": "type", "stringValue": "ShellCommandActivity"}], "dptr.InvalidTask.NoCommand"),

@@ -1,0 +1,214 @@
+"""SqlActivity end to end on the test bed, against real PostgreSQL and MariaDB servers.
+
+The local service queues the SqlActivity with its JdbcDatabase (``*password`` included)
+in the polled task; the real operator resolves the plan, writes it to a per-attempt
+Secret and creates the Job; the kubelet stand-in runs ``dptr-activity`` (the task
+container) beside the real sidecar, which heartbeats and reports.  The servers are
+Debian's, started by the suite on loopback (tests/conftest.py, dptr_testbed.databases).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from parity_helpers import WORKER_GROUP, ParityS3, outcomes
+
+from dptr_datapipeline import LocalDataPipeline
+from dptr_testbed.databases import DatabaseServer
+from dptr_testbed.waiting import wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+from op_helpers import Cluster, OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+KINDS = ["postgresql", "mariadb"]
+
+
+@pytest.fixture(params=KINDS)
+def server(request: pytest.FixtureRequest) -> DatabaseServer:
+    db: DatabaseServer = request.getfixturevalue("postgres" if request.param == "postgresql" else "mariadb")
+    return db
+
+
+@pytest.fixture
+def table() -> str:
+    return f"t_{uuid.uuid4().hex[:10]}"
+
+
+def _database(server: DatabaseServer, password: str | None = None) -> dict[str, Any]:
+    driver = "org.postgresql.Driver" if server.kind == "postgresql" else "com.mysql.jdbc.Driver"
+    return {
+        "type": "JdbcDatabase",
+        "connectionString": server.jdbc_url,
+        "jdbcDriverClass": driver,
+        "username": server.user,
+        "*password": password or server.password,
+    }
+
+
+def _rows(server: DatabaseServer, query: str) -> list[tuple[Any, ...]]:
+    conn = server.connect()
+    try:
+        cur = conn.cursor()
+        cur.execute(query)
+        return [tuple(r) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def _everything_said(cluster: Cluster, operator: OperatorProcess, s3: ParityS3) -> str:
+    """Every object the attempt made (but its plan Secret), every Event, every log."""
+    ns = cluster.namespace
+    said = []
+    for kind in ("pipelinetasks", "jobs", "pods", "events", "configmaps", "taskrunners"):
+        said.append(cluster.testbed.kubectl("get", kind, "-n", ns, "-o", "json"))
+    secrets = json.loads(cluster.testbed.kubectl("get", "secrets", "-n", ns, "-o", "json"))["items"]
+    plans = [s for s in secrets if s["metadata"].get("labels", {}).get("dptr.dev/role") == "activity-plan"]
+    said.append(json.dumps([s for s in secrets if s not in plans]))
+    for plan in plans:  # its metadata, not its data
+        said.append(json.dumps(plan["metadata"]))
+    for pod in cluster.pods():
+        for container in ("task", "dptr-sidecar"):
+            said.append(
+                cluster.testbed.kubectl(
+                    "logs", "-n", ns, pod["metadata"]["name"], "-c", container, check=False
+                )
+            )
+    said.append(operator.logs())
+    for key in s3.keys():
+        said.append(s3.read(key).decode("utf-8", "replace"))
+    return "\n".join(said)
+
+
+def test_a_sql_activity_creates_and_fills_a_table_and_its_password_is_said_nowhere(
+    parity_runner: Cluster,
+    parity_operator: OperatorProcess,
+    datapipeline: LocalDataPipeline,
+    parity_s3: ParityS3,
+    server: DatabaseServer,
+    table: str,
+) -> None:
+    hostile = "x'); DROP TABLE " + table + "; --"
+    script = (
+        f"CREATE TABLE {table} (id INTEGER, name VARCHAR(200), note VARCHAR(200));\n"
+        f"INSERT INTO {table} VALUES (1, ?, '100% sure; really?');\n"
+        f"INSERT INTO {table} VALUES (2, ?, NULL);"
+    )
+    datapipeline.run_pipeline(
+        {
+            # dptr's own code: its log is the container's, nothing is uploaded here.
+            "Default": {"pipelineLogUri": parity_s3.uri("logs/")},
+            "Db": _database(server),
+            "Fill": {
+                "type": "SqlActivity",
+                "database": {"ref": "Db"},
+                "script": script,
+                "scriptArgument": ["Zoë 東京", hostile],
+                "maximumRetries": "0",
+            },
+        },
+        worker_group=WORKER_GROUP,
+    )
+    record = outcomes(datapipeline, "Fill", timeout=120)["Fill"]
+    assert record.outcome == "FINISHED", (record.error_id, record.error_message)
+    assert _rows(server, f"SELECT id, name, note FROM {table} ORDER BY id") == [
+        (1, "Zoë 東京", "100% sure; really?"),
+        (2, hostile, None),
+    ]
+    # The plan Secret exists, owned by the PipelineTask, and only the task container mounts it.
+    (pt,) = parity_runner.tasks()
+    secrets = json.loads(
+        parity_runner.testbed.kubectl("get", "secrets", "-n", parity_runner.namespace, "-o", "json")
+    )
+    (plan,) = [
+        s for s in secrets["items"] if s["metadata"].get("labels", {}).get("dptr.dev/role") == "activity-plan"
+    ]
+    assert plan["metadata"]["ownerReferences"][0]["uid"] == pt["metadata"]["uid"]
+    (pod,) = parity_runner.pods()
+    mounts = {
+        c["name"]: [m["name"] for m in c.get("volumeMounts", [])]
+        for c in pod["spec"]["containers"] + pod["spec"]["initContainers"]
+    }
+    assert [name for name, ms in mounts.items() if "dptr-activity-plan" in ms] == ["task"]
+    assert server.password not in _everything_said(parity_runner, parity_operator, parity_s3)
+    datapipeline.assert_clean()
+
+
+def test_a_failed_statement_rolls_the_script_back_and_names_the_error(
+    parity_runner: Cluster, datapipeline: LocalDataPipeline, server: DatabaseServer, table: str
+) -> None:
+    conn = server.connect()
+    try:
+        conn.cursor().execute(f"CREATE TABLE {table} (id INTEGER)")
+    finally:
+        conn.close()
+    datapipeline.run_pipeline(
+        {
+            "Db": _database(server),
+            "Broken": {
+                "type": "SqlActivity",
+                "database": {"ref": "Db"},
+                "script": f"INSERT INTO {table} VALUES (1);\nINSERT INTO no_such_table_{table} VALUES (2);",
+                "maximumRetries": "0",
+            },
+        },
+        worker_group=WORKER_GROUP,
+    )
+    record = outcomes(datapipeline, "Broken", timeout=120)["Broken"]
+    assert record.outcome == "FAILED"
+    expected = (
+        "dptr.Sql.UndefinedTable"
+        if server.kind == "postgresql"
+        else "dptr.Sql.ProgrammingError.NO_SUCH_TABLE"
+    )
+    assert record.error_id == expected, record.error_message
+    assert "statement 2 of 2 (line 2, column 1)" in record.error_message
+    assert _rows(server, f"SELECT id FROM {table}") == []  # the first INSERT rolled back
+    datapipeline.assert_clean()
+
+
+def _running(server: DatabaseServer, marker: str) -> list[tuple[Any, ...]]:
+    if server.kind == "postgresql":
+        query = f"SELECT pid FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    else:
+        query = (
+            "SELECT ID FROM information_schema.PROCESSLIST "
+            f"WHERE INFO LIKE '%{marker}%' AND ID <> CONNECTION_ID()"
+        )
+    return _rows(server, query)
+
+
+def test_a_cancel_stops_the_running_query_on_the_server(
+    parity_runner: Cluster, datapipeline: LocalDataPipeline, server: DatabaseServer
+) -> None:
+    marker = f"dptr_cancel_{uuid.uuid4().hex[:8]}"
+    sleep = "SELECT pg_sleep(600)" if server.kind == "postgresql" else "SELECT SLEEP(600)"
+    pipeline_id = datapipeline.run_pipeline(
+        {
+            "Db": _database(server),
+            "Long": {
+                "type": "SqlActivity",
+                "database": {"ref": "Db"},
+                "script": f"{sleep} /* {marker} */",
+                "maximumRetries": "0",
+            },
+        },
+        worker_group=WORKER_GROUP,
+    )
+    wait_for(lambda: _running(server, marker), timeout=120, what="the long query running on the server")
+    (attempt,) = [r for r in datapipeline.ledger.attempts.values() if r.object_id == "Long"]
+    datapipeline.client().set_status(pipelineId=pipeline_id, objectIds=[attempt.instance_id], status="CANCEL")
+    record = outcomes(datapipeline, "Long", timeout=60)["Long"]
+    assert record.outcome == "CANCELED"
+    started = time.monotonic()
+    wait_for(lambda: not _running(server, marker), timeout=30, what="the query gone from the server")
+    assert time.monotonic() - started < 30
+    wait_for(lambda: not parity_runner.pods(), timeout=60, what="the pod gone after the cancel")
+    datapipeline.assert_clean()
