@@ -50,9 +50,10 @@ def _finish(error: TaskError | None) -> int:
     return 1
 
 
-def load_plan(path: str) -> ActivityPlan:
+def load_plan(path: str, env: dict[str, str] | None = None) -> ActivityPlan:
+    env = dict(os.environ) if env is None else env
     try:
-        return ActivityPlan.model_validate_json(Path(path).read_bytes())
+        plan = ActivityPlan.model_validate_json(Path(path).read_bytes())
     except OSError as exc:
         raise TaskError(
             "dptr.Activity.PlanMissing", f"the attempt's plan {path} cannot be read: {exc}"
@@ -61,6 +62,9 @@ def load_plan(path: str) -> ActivityPlan:
         # The message names fields only: a plan holds a password.
         fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors()[:5])
         raise TaskError("dptr.Activity.BadPlan", f"the attempt's plan is not valid: {fields}") from None
+    if (plan.pipeline_id, plan.attempt_id) != (env.get("DPTR_PIPELINE_ID"), env.get("DPTR_ATTEMPT_ID")):
+        raise TaskError("dptr.Activity.PlanOfAnotherAttempt", "the mounted plan is not this attempt's")
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         try:
             if plan.type == "SqlActivity":
-                from .sql import run_sql
+                from .sql import Stopped, run_sql
 
-                run_sql(plan, sessions)
+                try:
+                    run_sql(plan, sessions, stopping=terminated)
+                except Stopped:
+                    return
             else:
                 raise TaskError(
                     error_id("UnknownActivityType", plan.type), f"dptr-activity does not run {plan.type}"
@@ -100,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
+        if terminated.is_set():
+            return
         terminated.set()
-        for session in sessions:
+        for session in list(sessions):
             session.cancel()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -112,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         worker.join(0.2)
         if terminated.is_set():
             worker.join(10)  # the cancelled statement returns; its transaction rolls back
-            print(
-                "dptr-activity: stopped by SIGTERM; the statement was cancelled on the server",
-                file=sys.stderr,
-            )
-            return 128 + signal.SIGTERM
+            break
+    if outcome and outcome[0] is None:
+        return 0  # done (and committed) before the SIGTERM could stop it: the truth is success
     if terminated.is_set():
-        return 128 + signal.SIGTERM
+        print("dptr-activity: stopped by SIGTERM; the statement was cancelled on the server", file=sys.stderr)
+        sys.stderr.flush()
+        # A worker still in the driver must not go on after the process is reported gone.
+        os._exit(128 + signal.SIGTERM)
     return _finish(
         outcome[0]
         if outcome

@@ -149,18 +149,38 @@ def _pg_options(props: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
         if lowered == "sslmode":
             out["sslmode"] = value
         elif lowered == "ssl":
-            out.setdefault("sslmode", "require" if _truthy(value) else "disable")
+            # PgJDBC's ssl=true verifies the server's certificate and host name.
+            out.setdefault("sslmode", "verify-full" if _truthy(value) else "disable")
+            if _truthy(value):
+                out.setdefault("sslrootcert", "system")
         elif lowered in ("connecttimeout", "logintimeout"):
             out["connect_timeout"] = int(float(value))
         elif lowered == "applicationname":
             out["application_name"] = value
         elif lowered == "currentschema":
-            out["options"] = f"-c search_path={value}"
+            # libpq's options: a backslash escapes a space or a backslash in a value.
+            escaped = value.replace("\\", "\\\\").replace(" ", "\\ ")
+            out["options"] = f"-c search_path={escaped}"
         elif lowered in ("sslrootcert", "sslcert", "sslkey"):
             out[lowered] = value
         else:
             ignored.append(key)
     return out, ignored
+
+
+def _mysql_tls(mode: str) -> Any:
+    """Connector/J's sslMode as an SSLContext: VERIFY_IDENTITY checks the certificate (the
+    system's CAs) and the host name, VERIFY_CA the certificate only, REQUIRED encrypts
+    without checking (as Connector/J does)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    if mode == "VERIFY_CA":
+        context.check_hostname = False
+    elif mode == "REQUIRED":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _mysql_options(props: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
@@ -171,9 +191,9 @@ def _mysql_options(props: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
         if lowered == "connecttimeout":  # Connector/J: milliseconds
             out["connect_timeout"] = max(1, int(float(value) / 1000))
         elif lowered == "sslmode" and value.upper() in ("REQUIRED", "VERIFY_CA", "VERIFY_IDENTITY"):
-            out["ssl"] = {"check_hostname": value.upper() == "VERIFY_IDENTITY"}
+            out["ssl"] = _mysql_tls(value.upper())
         elif lowered in ("usessl", "requiressl") and _truthy(value):
-            out.setdefault("ssl", {"check_hostname": False})
+            out.setdefault("ssl", _mysql_tls("REQUIRED"))
         elif lowered == "allowmultiqueries":
             pass  # dptr splits the script itself (dptr_activities.sqlscript): always "allowed"
         elif lowered in ("characterencoding", "charset"):
@@ -381,7 +401,8 @@ def connect(db: DatabasePlan, *, env: Mapping[str, str] | None = None, autocommi
         "host": endpoint.host,
         "port": endpoint.port,
         "user": db.username,
-        "password": db.password or "",
+        # UTF-8 bytes: PyMySQL encodes a str password as Latin-1, and fails on anything else.
+        "password": (db.password or "").encode("utf-8"),
         "database": endpoint.database,
         "connect_timeout": CONNECT_TIMEOUT_SECONDS,
         "charset": "utf8mb4",

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from collections.abc import Mapping
 
 from dptr_common.activity_plan import ActivityPlan
@@ -49,10 +51,37 @@ def script_text(plan: ActivityPlan, env: Mapping[str, str]) -> str:
         raise TaskError("dptr.Sql.ScriptNotUtf8", f"scriptUri {plan.script_uri} is not UTF-8: {exc}") from exc
 
 
-def run_sql(plan: ActivityPlan, session_hook: list[Session], env: Mapping[str, str] | None = None) -> None:
-    """Run the plan's script; raises TaskError.  The open session is put in ``session_hook``
-    so the SIGTERM handler can cancel its statement."""
+class Stopped(Exception):  # noqa: N818 - a state, not a failure
+    """SIGTERM came: nothing more is run or committed."""
+
+
+_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
+def _masked(source: str) -> str:
+    # A statement's literals may hold secrets (CREATE USER ... PASSWORD '...'): the echo
+    # in errorMessage shows their place, not their text.
+    masked: str = _LITERAL.sub("'…'", source)
+    return masked[:300]
+
+
+def run_sql(
+    plan: ActivityPlan,
+    session_hook: list[Session],
+    env: Mapping[str, str] | None = None,
+    stopping: threading.Event | None = None,
+) -> None:
+    """Run the plan's script; raises TaskError, or Stopped once ``stopping`` is set.  The
+    open session is put in ``session_hook`` so the SIGTERM handler can cancel its statement;
+    ``stopping`` is checked before each statement and before the commit, so a SIGTERM that
+    falls between two calls (or during the connect) runs and commits nothing more."""
     env = os.environ if env is None else env
+    stopping = stopping or threading.Event()
+
+    def check() -> None:
+        if stopping.is_set():
+            raise Stopped
+
     if plan.database is None:
         raise TaskError("dptr.InvalidTask.Sql.NoDatabase", "the SqlActivity has no database")
     text = script_text(plan, env)
@@ -61,6 +90,7 @@ def run_sql(plan: ActivityPlan, session_hook: list[Session], env: Mapping[str, s
     session = connect(plan.database, env=env, autocommit=True)
     session_hook.append(session)
     try:
+        check()
         statements = split_script(text, dialect=session.dialect)
         if not statements:
             raise TaskError("dptr.Sql.EmptyScript", "the script has no statement")
@@ -79,16 +109,19 @@ def run_sql(plan: ActivityPlan, session_hook: list[Session], env: Mapping[str, s
         total = len(statements)
         for number, statement in enumerate(statements, start=1):
             params, arguments = arguments[: statement.parameters], arguments[statement.parameters :]
+            check()
             try:
                 count = session.execute(statement.text, params)
             except DatabaseError as exc:
                 session.rollback()
+                check()  # cancelled by SIGTERM: not the statement's fault
                 where = f"statement {number} of {total} (line {statement.line}, column {statement.column})"
                 raise TaskError(
-                    exc.error_id, f"{where}: {exc.message}; the statement: {statement.source[:300]}"
+                    exc.error_id, f"{where}: {exc.message}; the statement: {_masked(statement.source)}"
                 ) from exc
             log.info("dptr: statement %d of %d done (%s rows)", number, total, count)
         if not own:
+            check()
             session.commit()
     finally:
         session.close()

@@ -112,12 +112,12 @@ def parse_jdbc_url(
     serve, ``dptr.Sql.UnsupportedDriver.<class>`` for a driver class it does not know
     or that does not match the scheme, ``dptr.Sql.BadConnectionString`` for the rest.
     """
+    # No message here quotes the URL or its host part: either may hold a password
+    # (user:password@host, password=...), and the message goes to Data Pipeline and Events.
     text = url.strip()
-    match = re.match(r"^jdbc:([A-Za-z0-9]+):(.*)$", text, re.DOTALL)
+    match = re.match(r"^jdbc:([A-Za-z0-9]+):(.*)$", text, re.DOTALL | re.IGNORECASE)
     if not match:
-        raise TaskError(
-            "dptr.Sql.BadConnectionString", f"{where} {text[:200]!r} is not a jdbc:<database>://... URL"
-        )
+        raise TaskError("dptr.Sql.BadConnectionString", f"{where} is not a jdbc:<database>://... URL")
     scheme, rest = match.group(1).lower(), match.group(2)
     dialect = _SCHEMES.get(scheme)
     if dialect is None:
@@ -146,7 +146,8 @@ def parse_jdbc_url(
     if not found:
         raise TaskError(
             "dptr.Sql.BadConnectionString",
-            f"{where} host {authority[:100]!r} is not host[:port] (several hosts are not supported)",
+            f"{where}: the part after jdbc:{scheme}:// is not one host[:port] (user info in the host "
+            "part, several hosts and address=(...) forms are not supported)",
         )
     host = found.group("host").strip("[]")
     port = int(found.group("port")) if found.group("port") else DIALECT_DEFAULT_PORTS[dialect]
@@ -154,7 +155,7 @@ def parse_jdbc_url(
         raise TaskError("dptr.Sql.BadConnectionString", f"{where} port {port} is out of range")
     database = unquote(path) if path else None
     if database is not None and ("/" in database or not database.strip()):
-        raise TaskError("dptr.Sql.BadConnectionString", f"{where} database {database[:100]!r} is not a name")
+        raise TaskError("dptr.Sql.BadConnectionString", f"{where}: the database part is not a name")
     properties: dict[str, str] = {}
     # MySQL's Connector/J also takes ;-separated properties on some versions: '&' is the standard.
     for key, value in parse_qsl(query, keep_blank_values=True):

@@ -57,7 +57,7 @@ from dptr_common.podspec import (
     set_env,
 )
 from dptr_common.podspec import env as _env
-from dptr_common.render_activity import activity_container, plan_volume
+from dptr_common.render_activity import activity_container, plan_volume, secret_name
 from dptr_common.render_preconditions import check_timing, exists_container, wrap_check
 from dptr_common.render_staging import render_staging, wants_task_io
 from dptr_common.task import EXISTS_PRECONDITION, SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
@@ -585,6 +585,7 @@ def render_base_job(
             s3_endpoint_url=runner.spec.s3_endpoint_url,
             resources=template.resources,
             image_pull_policy=template.image_pull_policy,
+            plan=activity_plan,  # type: ignore[arg-type]  # checked above for activity types
         )
     else:
         task_container = {
@@ -609,8 +610,8 @@ def render_base_job(
 
     init_containers = [sidecar]
     volumes = [_token_volume(), {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}]
-    if own_code and task.object_type != EXISTS_PRECONDITION:
-        volumes.append(plan_volume(name))
+    if activity_plan is not None and task.object_type in ACTIVITY_TYPES:
+        volumes.append(plan_volume(secret_name(name, activity_plan)))
     if task.script_uri and not own_code:
         init_containers.append(_fetcher(task, runner, sidecar_image, web_identity=web_identity))
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 from typing import Any
 
 from dptr_common import naming
@@ -20,11 +21,27 @@ from dptr_common.activity_plan import ActivityPlan
 from dptr_common.podspec import TASK_CONTAINER, command, identity_env
 from dptr_common.podspec import env as _env
 
-__all__ = ["PLAN_DIR", "PLAN_FILE", "PLAN_VOLUME", "activity_container", "activity_secret", "plan_volume"]
+__all__ = [
+    "PLAN_DIR",
+    "PLAN_FILE",
+    "PLAN_VOLUME",
+    "activity_container",
+    "activity_secret",
+    "plan_volume",
+    "secret_name",
+]
 
 PLAN_VOLUME = "dptr-activity-plan"
 PLAN_DIR = "/var/run/secrets/dptr.dev/activity"
 PLAN_FILE = "plan.json"
+
+
+def secret_name(job_name: str, plan: ActivityPlan) -> str:
+    """The plan Secret's name: the Job's and a digest of the plan.  The plan holds the
+    password, so nobody who may create Secrets in the namespace can guess the name and plant
+    a plan of theirs for another TaskRunner's attempt before the operator creates it."""
+    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
+    return f"{job_name}-{digest}"
 
 
 def activity_container(
@@ -35,9 +52,13 @@ def activity_container(
     s3_endpoint_url: str | None,
     resources: dict[str, Any] | None,
     image_pull_policy: str | None,
+    plan: ActivityPlan,
 ) -> dict[str, Any]:
     env = [
         _env("DPTR_ACTIVITY_PLAN", f"{PLAN_DIR}/{PLAN_FILE}"),
+        # dptr-activity runs a plan for this attempt only (a mounted plan of another is refused).
+        _env("DPTR_PIPELINE_ID", plan.pipeline_id),
+        _env("DPTR_ATTEMPT_ID", plan.attempt_id),
         _env("DPTR_REGION", region),
         _env("AWS_REGION", region),
         _env("PYTHONUNBUFFERED", "1"),
@@ -76,7 +97,8 @@ def plan_volume(secret_name: str) -> dict[str, Any]:
 def activity_secret(
     plan: ActivityPlan, *, name: str, namespace: str, owner_ref: dict[str, Any], labels: dict[str, str]
 ) -> dict[str, Any]:
-    """The per-attempt Secret holding the plan (``data``, so nothing echoes it as text)."""
+    """The per-attempt Secret holding the plan (``data``, so nothing echoes it as text);
+    ``name`` is :func:`secret_name`."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",

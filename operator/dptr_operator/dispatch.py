@@ -37,7 +37,7 @@ from dptr_common.errors import TaskError, outcome_for_task_error
 from dptr_common.kube import ApiError, Conflict, NotFound, job_path, namespaced_path, pipelinetask_path
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTask, PipelineTaskSpec
 from dptr_common.render import render_job
-from dptr_common.render_activity import activity_secret
+from dptr_common.render_activity import activity_secret, secret_name
 from dptr_common.task import Task, parse_task
 from dptr_operator.activities import plan_for
 from dptr_operator.events import pipeline_task_ref, task_runner_ref
@@ -310,7 +310,7 @@ class Dispatcher:
             # Before the Job: a pod whose Secret is missing would wait in ContainerCreating.
             secret = activity_secret(
                 plan,
-                name=name,
+                name=secret_name(name, plan),
                 namespace=entry.namespace,
                 owner_ref=job["metadata"]["ownerReferences"][0],
                 labels=job["metadata"]["labels"],

@@ -15,7 +15,7 @@ from dptr_common.errors import ContainerTermination, TaskError, outcome_for_term
 from dptr_common.jdbc import parse_jdbc_url
 from dptr_common.models import PipelineTaskSpec, TaskRunner
 from dptr_common.render import render_job
-from dptr_common.render_activity import activity_secret
+from dptr_common.render_activity import activity_secret, secret_name
 from dptr_common.task import Task, parse_task
 
 PASSWORD = "s3cr3t-Pa55-$(HOME)"
@@ -172,14 +172,16 @@ def test_the_password_is_in_the_plan_secret_only_and_only_the_task_container_mou
     ]
     assert mounting == ["task"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "dptr-activity-plan"]
-    assert volume["secret"]["secretName"] == job["metadata"]["name"]
+    # The Job's name and a digest of the plan: nobody can plant a plan under it beforehand.
+    assert volume["secret"]["secretName"] == secret_name(job["metadata"]["name"], plan)
+    assert volume["secret"]["secretName"].startswith(job["metadata"]["name"] + "-")
     # dptr's own code: the runner's identity, never the pod account's role from the webhook.
     assert "task" in pod.get("metadata", {}).get("annotations", {}).get(
         "eks.amazonaws.com/skip-containers", "task"
     )
     secret = activity_secret(
         plan,
-        name=job["metadata"]["name"],
+        name=secret_name(job["metadata"]["name"], plan),
         namespace="data",
         owner_ref=job["metadata"]["ownerReferences"][0],
         labels=job["metadata"]["labels"],
@@ -211,3 +213,25 @@ def test_dptr_activity_failures_are_reported_with_their_error_id() -> None:
         outcome_for_termination(ContainerTermination(exit_code=143), "SqlActivity").error_id
         == "dptr.Signal.SIGTERM"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "jdbc:mysql://bob:pw-in-url@db/app",
+        "jdbc:mysql://address=(host=db)(user=u)(password=pw-in-url)/app",
+        "JDBC:postgresql:db/app?password=pw-in-url",
+        "jdbc:postgresql://db/a/b?password=pw-in-url",
+        "not-a-url?password=pw-in-url",
+    ],
+)
+def test_a_malformed_connection_string_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(TaskError) as err:
+        parse_jdbc_url(url)
+    assert "pw-in-url" not in err.value.message
+
+
+def test_a_failed_statement_is_echoed_with_its_literals_masked() -> None:
+    from dptr_activities.sql import _masked
+
+    assert _masked("CREATE USER x PASSWORD 'hunter''2'") == "CREATE USER x PASSWORD '…'"
