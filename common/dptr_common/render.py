@@ -506,8 +506,9 @@ def render_base_job(
     sidecar's RBAC is bound to).  :func:`render_job` adds ``sidecar_env`` to every init
     container once the staging containers exist.  A SqlActivity needs its
     ``activity_plan`` (:func:`dptr_common.activity_plan.build_plan`): the Job mounts it from
-    the per-attempt Secret named like the Job (:func:`dptr_common.render_activity.activity_secret`),
-    which the caller creates first.
+    the per-attempt Secret named by :func:`dptr_common.render_activity.secret_name` (the Job's
+    name and the plan's digest; :func:`dptr_common.render_activity.activity_secret`), which the
+    caller creates first.
 
     Raises :class:`TaskError` (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``,
     ``dptr.InvalidTask.*``) for a task that cannot run; nothing must be created then.

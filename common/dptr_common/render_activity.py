@@ -4,8 +4,8 @@ The container runs ``dptr-activity`` (:mod:`dptr_activities`) in the activity im
 operator's ``--activity-image``, or the TaskRunner's ``activityImage``): dptr's own code
 with the database drivers, acting with the runner's AWS identity like ``dptr-stage-in``
 (for ``scriptUri`` and RDS/Redshift endpoint lookups).  Its plan, which holds the
-database's ``*password``, is a per-attempt Secret named like the Job, owned by the
-PipelineTask (deleted with it), immutable, and mounted read-only into this container
+database's ``*password``, is a per-attempt Secret named after the Job and the plan's
+digest (:func:`secret_name`), owned by the PipelineTask (deleted with it), immutable, and mounted read-only into this container
 only: the sidecar, the init containers and the Job's spec never see it.
 """
 
