@@ -1,4 +1,4 @@
-"""``dptr-activity``: the task container of a SqlActivity attempt.
+"""``dptr-activity``: the task container of a SqlActivity or CopyActivity attempt.
 
 It reads the attempt's plan from ``$DPTR_ACTIVITY_PLAN`` (a file of the per-attempt
 Secret, mounted into this container only), runs it, and ends with:
@@ -85,17 +85,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         try:
-            if plan.type == "SqlActivity":
-                from .sql import Stopped, run_sql
+            from .sql import Stopped
 
-                try:
+            try:
+                if plan.type == "SqlActivity":
+                    from .sql import run_sql
+
                     run_sql(plan, sessions, stopping=terminated)
-                except Stopped:
-                    return
-            else:
-                raise TaskError(
-                    error_id("UnknownActivityType", plan.type), f"dptr-activity does not run {plan.type}"
-                )
+                elif plan.type == "CopyActivity":
+                    from .copying import run_copy
+
+                    run_copy(plan, sessions, stopping=terminated)
+                else:
+                    raise TaskError(
+                        error_id("UnknownActivityType", plan.type), f"dptr-activity does not run {plan.type}"
+                    )
+            except Stopped:
+                return
             outcome.append(None)
         except TaskError as exc:
             outcome.append(exc)

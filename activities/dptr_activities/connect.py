@@ -243,15 +243,28 @@ class Session:
             finally:
                 cur.close()
 
-    def stream(self, sql: str) -> tuple[list[str], Iterator[Sequence[Any]]]:
-        """A query's column names and its rows, fetched :data:`BATCH_ROWS` at a time."""
+    def stream(self, sql: str, *, as_text: bool = False) -> tuple[list[str], Iterator[Sequence[Any]]]:
+        """A query's column names and its rows, fetched :data:`BATCH_ROWS` at a time.
+
+        ``as_text``: every value as the server's own text form (None for NULL), not a
+        Python object, so a copy to S3 writes what the database would print and a copy
+        back parses it the same way (a timestamp, a boolean ``t``, a bytea ``\\x..``)."""
         with self._errors():
             if self.postgres:
                 cur = self.conn.cursor(name="dptr_copy")  # server-side: rows stay on the server
                 cur.itersize = BATCH_ROWS
+                if as_text:
+                    from psycopg.types.string import TextLoader
+
+                    for info in cur.adapters.types:
+                        for oid in (info.oid, getattr(info, "array_oid", 0)):
+                            if oid:
+                                cur.adapters.register_loader(oid, TextLoader)
             else:
                 import pymysql.cursors
 
+                if as_text:
+                    self.conn.decoders = {}  # PyMySQL then hands every text column over decoded
                 cur = self.conn.cursor(pymysql.cursors.SSCursor)  # unbuffered
             cur.execute(sql)
             names = [d[0] for d in (cur.description or [])]

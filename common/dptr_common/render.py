@@ -41,7 +41,13 @@ import re
 from typing import Any
 
 from dptr_common import naming
-from dptr_common.activity_plan import ACTIVITY_TYPES, MANAGED_RESOURCE_TYPES, SQL_ACTIVITY, ActivityPlan
+from dptr_common.activity_plan import (
+    ACTIVITY_TYPES,
+    COPY_ACTIVITY,
+    MANAGED_RESOURCE_TYPES,
+    SQL_ACTIVITY,
+    ActivityPlan,
+)
 from dptr_common.awsauth import AssumedRole, external_id_for, session_name_for
 from dptr_common.bounds import check_job, check_string
 from dptr_common.errors import TaskError
@@ -79,10 +85,10 @@ __all__ = [
 ]
 
 SUPPORTED_TYPES = frozenset(
-    {SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, EXISTS_PRECONDITION, SQL_ACTIVITY}
+    {SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, EXISTS_PRECONDITION, SQL_ACTIVITY, COPY_ACTIVITY}
 )
 #: Types whose task container runs dptr's own code, as the runner (its AWS identity).
-OWN_CODE_TYPES = frozenset({EXISTS_PRECONDITION, SQL_ACTIVITY})
+OWN_CODE_TYPES = frozenset({EXISTS_PRECONDITION, *ACTIVITY_TYPES})
 #: The activity image when the operator is given none (--activity-image).
 DEFAULT_ACTIVITY_IMAGE = "ghcr.io/dptr-dev/dptr-activity:0.1.0"
 
@@ -504,7 +510,7 @@ def render_base_job(
     unless the TaskRunner sets ``sidecarImage``.  ``service_account_name`` is the
     operator's default for the pod when the template names none (the account the
     sidecar's RBAC is bound to).  :func:`render_job` adds ``sidecar_env`` to every init
-    container once the staging containers exist.  A SqlActivity needs its
+    container once the staging containers exist.  A SqlActivity or CopyActivity needs its
     ``activity_plan`` (:func:`dptr_common.activity_plan.build_plan`): the Job mounts it from
     the per-attempt Secret named by :func:`dptr_common.render_activity.secret_name` (the Job's
     name and the plan's digest; :func:`dptr_common.render_activity.activity_secret`), which the
@@ -578,7 +584,7 @@ def render_base_job(
             s3_endpoint_url=runner.spec.s3_endpoint_url,
             timing=timing,
         )
-    elif task.object_type == SQL_ACTIVITY:
+    elif task.object_type in ACTIVITY_TYPES:
         task_container = activity_container(
             sidecar,
             image=runner.spec.activity_image or activity_image,

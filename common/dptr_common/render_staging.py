@@ -137,7 +137,7 @@ def log_env(task: Task) -> dict[str, str]:
 
 #: Types whose task container runs dptr's own code: their output is dptr's log (kubectl
 #: logs, the errorStackTrace tail), not a user's stdout/stderr to capture and upload.
-_OWN_CODE_TYPES = frozenset({"Exists", "SqlActivity"})
+_OWN_CODE_TYPES = frozenset({"Exists", "SqlActivity", "CopyActivity"})
 
 
 def _logs_wanted(task: Task) -> bool:

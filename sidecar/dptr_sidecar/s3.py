@@ -34,6 +34,7 @@ __all__ = [
     "S3Error",
     "S3Uri",
     "parse_s3_uri",
+    "sse_args",
 ]
 
 #: Read/write granularity of a download.
@@ -90,6 +91,24 @@ def _error_code(exc: BaseException) -> tuple[str, str]:
             code = "AccessDenied"
         return code or f"HTTP{status}", str(error.get("Message") or exc)
     return type(exc).__name__, str(exc)
+
+
+def _from_aws_call(exc: BaseException) -> bool:
+    """Whether ``exc`` came from botocore (a refused or failed call), not from our own code."""
+    return type(exc).__module__.split(".")[0] in ("botocore", "urllib3", "boto3")
+
+
+def sse_args(encryption: str | None, kms_key_id: str | None) -> dict[str, str]:
+    """PutObject's encryption arguments for an S3DataNode's ``s3EncryptionType`` and ``kmsKeyId``
+    (SSE-S3 when the node says nothing, as the service's default)."""
+    if encryption == "NONE":
+        return {}
+    if encryption == "SERVER_SIDE_ENCRYPTION_KMS":
+        args = {"ServerSideEncryption": "aws:kms"}
+        if kms_key_id:
+            args["SSEKMSKeyId"] = kms_key_id
+        return args
+    return {"ServerSideEncryption": "AES256"}
 
 
 class S3Client:
@@ -299,11 +318,13 @@ class S3Client:
             )
             upload_id = None
             return total
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever ends the stream (S3, or the producer of ``chunks``: a bad record, a
+            # SIGTERM) leaves no object behind: the parts are dropped.
             if upload_id is not None:
                 with contextlib.suppress(Exception):
                     self._client.abort_multipart_upload(Bucket=uri.bucket, Key=uri.key, UploadId=upload_id)
-            if isinstance(exc, S3Error):
+            if isinstance(exc, S3Error) or not _from_aws_call(exc):
                 raise
             raise self._error(exc, uri) from exc
 

@@ -35,7 +35,7 @@ from dptr_common.render_staging import PLAN_DIR
 from dptr_common.staging_plan import STAGING_ROOT, StagedNode, StagingPlan, data_node_location
 
 from .config import time_scale_from_env
-from .s3 import S3Client, S3Error, S3Uri, parse_s3_uri
+from .s3 import S3Client, S3Error, S3Uri, parse_s3_uri, sse_args
 from .safefs import SharedVolume, UnsafeFile
 
 __all__ = [
@@ -205,14 +205,7 @@ def stage_in(plan: StagingPlan, s3: S3Client, *, log: Log = _stderr_log) -> dict
 
 
 def _upload_args(node: StagedNode) -> dict[str, str]:
-    if node.encryption == "NONE":
-        return {}
-    if node.encryption == "SERVER_SIDE_ENCRYPTION_KMS":
-        args = {"ServerSideEncryption": "aws:kms"}
-        if node.kms_key_id:
-            args["SSEKMSKeyId"] = node.kms_key_id
-        return args
-    return {"ServerSideEncryption": "AES256"}
+    return sse_args(node.encryption, node.kms_key_id)
 
 
 #: The most a task's staged outputs may add up to, unless the TaskRunner says otherwise

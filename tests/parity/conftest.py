@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from parity_helpers import WORKER_GROUP, ParityS3
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.controlplane import RunningTestbed
+from dptr_testbed.databases import DatabaseServer
 from dptr_testbed.installs import sidecar_rbac
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -58,3 +60,14 @@ def parity_runner(
         datapipeline, WORKER_GROUP, s3EndpointUrl=s3_endpoint, jobTemplate={"image": "debian:bookworm"}
     )
     return node_cluster
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server(request: pytest.FixtureRequest) -> DatabaseServer:
+    db: DatabaseServer = request.getfixturevalue("postgres" if request.param == "postgresql" else "mariadb")
+    return db
+
+
+@pytest.fixture
+def table() -> str:
+    return f"t_{uuid.uuid4().hex[:10]}"

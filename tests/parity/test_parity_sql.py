@@ -14,10 +14,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from parity_helpers import WORKER_GROUP, ParityS3, outcomes
+from sql_helpers import database, everything_said, rows, running
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.databases import DatabaseServer
@@ -27,64 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from op_helpers import Cluster, OperatorProcess
 
 pytestmark = pytest.mark.cluster
-
-KINDS = ["postgresql", "mariadb"]
-
-
-@pytest.fixture(params=KINDS)
-def server(request: pytest.FixtureRequest) -> DatabaseServer:
-    db: DatabaseServer = request.getfixturevalue("postgres" if request.param == "postgresql" else "mariadb")
-    return db
-
-
-@pytest.fixture
-def table() -> str:
-    return f"t_{uuid.uuid4().hex[:10]}"
-
-
-def _database(server: DatabaseServer, password: str | None = None) -> dict[str, Any]:
-    driver = "org.postgresql.Driver" if server.kind == "postgresql" else "com.mysql.jdbc.Driver"
-    return {
-        "type": "JdbcDatabase",
-        "connectionString": server.jdbc_url,
-        "jdbcDriverClass": driver,
-        "username": server.user,
-        "*password": password or server.password,
-    }
-
-
-def _rows(server: DatabaseServer, query: str) -> list[tuple[Any, ...]]:
-    conn = server.connect()
-    try:
-        cur = conn.cursor()
-        cur.execute(query)
-        return [tuple(r) for r in cur.fetchall()]
-    finally:
-        conn.close()
-
-
-def _everything_said(cluster: Cluster, operator: OperatorProcess, s3: ParityS3) -> str:
-    """Every object the attempt made (but its plan Secret), every Event, every log."""
-    ns = cluster.namespace
-    said = []
-    for kind in ("pipelinetasks", "jobs", "pods", "events", "configmaps", "taskrunners"):
-        said.append(cluster.testbed.kubectl("get", kind, "-n", ns, "-o", "json"))
-    secrets = json.loads(cluster.testbed.kubectl("get", "secrets", "-n", ns, "-o", "json"))["items"]
-    plans = [s for s in secrets if s["metadata"].get("labels", {}).get("dptr.dev/role") == "activity-plan"]
-    said.append(json.dumps([s for s in secrets if s not in plans]))
-    for plan in plans:  # its metadata, not its data
-        said.append(json.dumps(plan["metadata"]))
-    for pod in cluster.pods():
-        for container in ("task", "dptr-sidecar"):
-            said.append(
-                cluster.testbed.kubectl(
-                    "logs", "-n", ns, pod["metadata"]["name"], "-c", container, check=False
-                )
-            )
-    said.append(operator.logs())
-    for key in s3.keys():
-        said.append(s3.read(key).decode("utf-8", "replace"))
-    return "\n".join(said)
 
 
 def test_a_sql_activity_creates_and_fills_a_table_and_its_password_is_said_nowhere(
@@ -105,7 +47,7 @@ def test_a_sql_activity_creates_and_fills_a_table_and_its_password_is_said_nowhe
         {
             # dptr's own code: its log is the container's, nothing is uploaded here.
             "Default": {"pipelineLogUri": parity_s3.uri("logs/")},
-            "Db": _database(server),
+            "Db": database(server),
             "Fill": {
                 "type": "SqlActivity",
                 "database": {"ref": "Db"},
@@ -118,7 +60,7 @@ def test_a_sql_activity_creates_and_fills_a_table_and_its_password_is_said_nowhe
     )
     record = outcomes(datapipeline, "Fill", timeout=120)["Fill"]
     assert record.outcome == "FINISHED", (record.error_id, record.error_message)
-    assert _rows(server, f"SELECT id, name, note FROM {table} ORDER BY id") == [
+    assert rows(server, f"SELECT id, name, note FROM {table} ORDER BY id") == [
         (1, "Zoë 東京", "100% sure; really?"),
         (2, hostile, None),
     ]
@@ -137,7 +79,7 @@ def test_a_sql_activity_creates_and_fills_a_table_and_its_password_is_said_nowhe
         for c in pod["spec"]["containers"] + pod["spec"]["initContainers"]
     }
     assert [name for name, ms in mounts.items() if "dptr-activity-plan" in ms] == ["task"]
-    assert server.password not in _everything_said(parity_runner, parity_operator, parity_s3)
+    assert server.password not in everything_said(parity_runner, parity_operator, parity_s3)
     datapipeline.assert_clean()
 
 
@@ -151,7 +93,7 @@ def test_a_failed_statement_rolls_the_script_back_and_names_the_error(
         conn.close()
     datapipeline.run_pipeline(
         {
-            "Db": _database(server),
+            "Db": database(server),
             "Broken": {
                 "type": "SqlActivity",
                 "database": {"ref": "Db"},
@@ -170,19 +112,8 @@ def test_a_failed_statement_rolls_the_script_back_and_names_the_error(
     )
     assert record.error_id == expected, record.error_message
     assert "statement 2 of 2 (line 2, column 1)" in record.error_message
-    assert _rows(server, f"SELECT id FROM {table}") == []  # the first INSERT rolled back
+    assert rows(server, f"SELECT id FROM {table}") == []  # the first INSERT rolled back
     datapipeline.assert_clean()
-
-
-def _running(server: DatabaseServer, marker: str) -> list[tuple[Any, ...]]:
-    if server.kind == "postgresql":
-        query = f"SELECT pid FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
-    else:
-        query = (
-            "SELECT ID FROM information_schema.PROCESSLIST "
-            f"WHERE INFO LIKE '%{marker}%' AND ID <> CONNECTION_ID()"
-        )
-    return _rows(server, query)
 
 
 def test_a_cancel_stops_the_running_query_on_the_server(
@@ -192,7 +123,7 @@ def test_a_cancel_stops_the_running_query_on_the_server(
     sleep = "SELECT pg_sleep(600)" if server.kind == "postgresql" else "SELECT SLEEP(600)"
     pipeline_id = datapipeline.run_pipeline(
         {
-            "Db": _database(server),
+            "Db": database(server),
             "Long": {
                 "type": "SqlActivity",
                 "database": {"ref": "Db"},
@@ -202,13 +133,13 @@ def test_a_cancel_stops_the_running_query_on_the_server(
         },
         worker_group=WORKER_GROUP,
     )
-    wait_for(lambda: _running(server, marker), timeout=120, what="the long query running on the server")
+    wait_for(lambda: running(server, marker), timeout=120, what="the long query running on the server")
     (attempt,) = [r for r in datapipeline.ledger.attempts.values() if r.object_id == "Long"]
     datapipeline.client().set_status(pipelineId=pipeline_id, objectIds=[attempt.instance_id], status="CANCEL")
     record = outcomes(datapipeline, "Long", timeout=60)["Long"]
     assert record.outcome == "CANCELED"
     started = time.monotonic()
-    wait_for(lambda: not _running(server, marker), timeout=30, what="the query gone from the server")
+    wait_for(lambda: not running(server, marker), timeout=30, what="the query gone from the server")
     assert time.monotonic() - started < 30
     wait_for(lambda: not parity_runner.pods(), timeout=60, what="the pod gone after the cancel")
     datapipeline.assert_clean()
