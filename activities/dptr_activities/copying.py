@@ -57,7 +57,8 @@ log = logging.getLogger("dptr.activity")
 DIRECTORY_OBJECT = "part-00000"
 # A table name as a pipeline author writes it: up to three dotted parts, each a plain
 # identifier or one quoted with "" or ``.  It is put into SQL text, so nothing else passes.
-_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"\x00]+"|`[^`\x00]+`)'
+# ('%' and '\\' are refused in quoted names too: the drivers' %s syntax, MySQL's escapes.)
+_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"\x00%\\]+"|`[^`\x00%\\]+`)'
 _TABLE = re.compile(rf"^{_PART}(?:\.{_PART}){{0,2}}$")
 
 
@@ -109,23 +110,36 @@ def _prefix(key: str) -> str:
     return key if not key or key.endswith("/") else key + "/"
 
 
-def _sources(s3: S3Client, node: NodePlan) -> list[S3Uri]:
-    """The S3 objects of an input node, in key order; a directory with none is empty."""
+def _sources(s3: S3Client, node: NodePlan) -> Iterator[S3Uri]:
+    """The S3 objects of an input node, in key order, listed a page at a time (a prefix
+    may hold millions); a directory with none is empty."""
     assert node.uri is not None
     uri = parse_s3_uri(node.uri)
     if node.kind == "file":
-        return [uri]
-    return [item for item, _ in s3.list(S3Uri(uri.bucket, _prefix(uri.key))) if not item.key.endswith("/")]
+        yield uri
+        return
+    try:
+        for item, _size in s3.list(S3Uri(uri.bucket, _prefix(uri.key))):
+            if not item.key.endswith("/"):
+                yield item
+    except S3Error as exc:
+        raise _s3_error(exc, f"input {node.id} {node.uri}") from exc
 
 
 def _read(s3: S3Client, uri: S3Uri, node: NodePlan, stopping: threading.Event) -> Iterator[bytes]:
-    """One object's bytes, gzip undone if the node says so; Stopped on SIGTERM."""
+    """One object's bytes, gzip undone if the node says so; Stopped on SIGTERM.  An S3
+    error is the input's (it surfaces inside the output's upload, which reads this)."""
 
     def raw() -> Iterator[bytes]:
-        for chunk in s3.iter_object(uri):
-            if stopping.is_set():
-                raise Stopped
-            yield chunk
+        if stopping.is_set():
+            raise Stopped  # also between empty objects, which yield no chunk
+        try:
+            for chunk in s3.iter_object(uri):
+                if stopping.is_set():
+                    raise Stopped
+                yield chunk
+        except S3Error as exc:
+            raise _s3_error(exc, f"input {node.id} {uri}") from exc
 
     return decompressed(raw(), str(uri)) if node.compression == "gzip" else raw()
 
@@ -152,9 +166,12 @@ def _s3_to_s3(s3: S3Client, source: NodePlan, target: NodePlan, stopping: thread
         source.data_format is not None and source.data_format.same_bytes_as(target.data_format)
     )
     fmt_in, fmt_out = RecordFormat.of(source.data_format), RecordFormat.of(target.data_format)
+    count = 0
 
-    def body(objects: list[S3Uri]) -> Iterator[bytes]:
+    def body(objects: Iterable[S3Uri]) -> Iterator[bytes]:
+        nonlocal count
         for uri in objects:
+            count += 1
             chunks = _read(s3, uri, source, stopping)
             if by_bytes:
                 yield from chunks
@@ -162,30 +179,20 @@ def _s3_to_s3(s3: S3Client, source: NodePlan, target: NodePlan, stopping: thread
                 rows = parse_records(decoded(chunks, str(uri)), fmt_in)
                 yield from encoded(write_records(rows, fmt_out))
 
-    try:
-        objects = _sources(s3, source)
-        if source.kind == "file" and not objects:  # pragma: no cover - a file is always listed
-            return
-        if target.kind == "file" or source.kind == "file":
-            name = PurePosixPath(objects[0].key).name if objects else DIRECTORY_OBJECT
-            uri = _target_uri(target, name)
-            size = _write(s3, target, uri, body(objects))
-            log.info(
-                "dptr: copied %d object(s) from %s to %s (%d bytes written)",
-                len(objects),
-                source.uri,
-                uri,
-                size,
-            )
-            return
-        prefix = _prefix(parse_s3_uri(str(source.uri)).key)
-        for item in objects:
-            uri = _target_uri(target, item.key[len(prefix) :])
-            size = _write(s3, target, uri, body([item]))
-            log.info("dptr: copied %s to %s (%d bytes written)", item, uri, size)
-        log.info("dptr: copied %d object(s) from %s to %s", len(objects), source.uri, target.uri)
-    except S3Error as exc:
-        raise _s3_error(exc, f"input {source.id} {source.uri}") from exc
+    if source.kind == "file" or target.kind == "file":
+        # One object written: a file's copy (into a directory: the same name), or a
+        # directory's objects one after another in key order.
+        name = PurePosixPath(parse_s3_uri(str(source.uri)).key).name or DIRECTORY_OBJECT
+        uri = _target_uri(target, name if source.kind == "file" else DIRECTORY_OBJECT)
+        size = _write(s3, target, uri, body(_sources(s3, source)))
+        log.info("dptr: copied %d object(s) from %s to %s (%d bytes written)", count, source.uri, uri, size)
+        return
+    prefix = _prefix(parse_s3_uri(str(source.uri)).key)
+    for item in _sources(s3, source):
+        uri = _target_uri(target, item.key[len(prefix) :])
+        size = _write(s3, target, uri, body([item]))
+        log.info("dptr: copied %s to %s (%d bytes written)", item, uri, size)
+    log.info("dptr: copied %d object(s) from %s to %s", count, source.uri, target.uri)
 
 
 # ---------------------------------------------------------------------------- SQL
@@ -235,6 +242,8 @@ def _s3_to_sql(
     session = connect(target.database, env=env, autocommit=False)
     session_hook.append(session)
     try:
+        # The target's table and insertQuery are checked before any record is read.
+        _insert_statement(target, source, 0, session.dialect)
         stream = records()
         first = next(stream, None)
         if first is None:
@@ -259,9 +268,6 @@ def _s3_to_sql(
             raise Stopped
         session.commit()
         log.info("dptr: inserted %d record(s) from %s into %s", done, source.uri, target.id)
-    except S3Error as exc:
-        session.rollback()
-        raise _s3_error(exc, f"input {source.id} {source.uri}") from exc
     except BaseException:
         session.rollback()
         raise
@@ -314,6 +320,11 @@ def _sql_to_s3(
         uri = _target_uri(target, DIRECTORY_OBJECT)
         size = _write(s3, target, uri, encoded(write_records(counted(), fmt)))
         log.info("dptr: wrote %d record(s) of %s to %s (%d bytes)", count, source.id, uri, size)
+    except DatabaseError as exc:
+        if stopping.is_set():
+            raise Stopped from exc  # the query was cancelled by SIGTERM
+        raise
     finally:
-        session.rollback()
+        # Closed, not rolled back: a read-only transaction ends with its connection, and
+        # PyMySQL's rollback would first read every row the query has not yet returned.
         session.close()

@@ -6,7 +6,7 @@ newline, **fields are not quoted**, and the escape character (``escapeChar``, a 
 by default) makes the next character literal.  TSV and Custom work the same way with their
 own ``columnSeparator`` and ``recordSeparator``, which must be single characters (the
 guide's "only single characters are supported"); dptr uses the backslash as their escape
-character too unless ``escapeChar`` says otherwise.
+character too unless the format's ``escapeChar`` says otherwise.
 
 dptr's own choices, documented in docs/task-runner-parity.md:
 
@@ -16,8 +16,12 @@ dptr's own choices, documented in docs/task-runner-parity.md:
   wherever they occur in a value, so any text (commas, newlines, backslashes, quotes)
   survives a round trip;
 * a record separator at the very end of the object ends the last record (it is not an
-  empty record after it); a record longer than :data:`MAX_RECORD_CHARS` is refused, so
-  memory stays bounded whatever the input.
+  empty record after it), but an empty line inside is a record of one empty field; a
+  record longer than :data:`MAX_RECORD_CHARS` is refused, so memory stays bounded
+  whatever the input;
+* ``N`` cannot be a separator or the escape character (NULL would be ambiguous), and a
+  binary value that is not UTF-8 text fails the copy (``dptr.Copy.BinaryValue``) rather
+  than being written as something that would not come back as the same bytes.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ class RecordFormat:
                 f"{plan.type} {plan.id!r}: the column separator, record separator and escape "
                 "character must differ",
             )
+        if "N" in (plan.column_separator, plan.record_separator, escape):
+            # NULL is written as the escape character and N: an N of its own could not be told apart.
+            raise TaskError(
+                "dptr.Copy.BadDataFormat", f"{plan.type} {plan.id!r}: N cannot be a separator or the escape"
+            )
         return cls(plan.column_separator, plan.record_separator, escape)
 
     @property
@@ -85,35 +94,35 @@ class RecordFormat:
 # ------------------------------------------------------------------------- reading
 
 
-def _odd_escapes_at_end(text: str, escape: str) -> bool:
-    return (len(text) - len(text.rstrip(escape))) % 2 == 1
-
-
 def _split_records(chunks: Iterable[str], fmt: RecordFormat) -> Iterator[str]:
+    """Records, split at every record separator that is not escaped.  One forward scan:
+    an escaped separator only moves the scan on, so text with many escaped newlines costs
+    no more than plain text."""
     rec, esc = fmt.record, fmt.escape
-    carry = ""
+    buf = ""
+    scan = 0  # where the next separator may be, in buf
     for chunk in chunks:
         if not chunk:
             continue
-        pieces = (carry + chunk).split(rec)
-        carry = pieces.pop()
-        held: str | None = None
-        for piece in pieces:
-            record = piece if held is None else held + rec + piece
-            held = None
-            if _odd_escapes_at_end(record, esc):
-                held = record  # the separator after it is escaped: part of this record
-            else:
-                yield record
-        if held is not None:
-            carry = held + rec + carry
-        if len(carry) > MAX_RECORD_CHARS:
+        buf += chunk
+        start = 0
+        while (j := buf.find(rec, scan)) >= 0:
+            k = j
+            while k > start and buf[k - 1] == esc:
+                k -= 1
+            if (j - k) % 2:
+                scan = j + 1  # escaped: part of this record
+                continue
+            yield buf[start:j]
+            start = scan = j + 1
+        buf, scan = buf[start:], len(buf) - start
+        if len(buf) > MAX_RECORD_CHARS:
             raise TaskError(
                 "dptr.Copy.RecordTooLarge",
                 f"a record is longer than {MAX_RECORD_CHARS} characters (is the record separator right?)",
             )
-    if carry:
-        yield carry
+    if buf:
+        yield buf
 
 
 def _fields(record: str, fmt: RecordFormat, number: int) -> list[str | None]:
@@ -161,7 +170,15 @@ def _text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "backslashreplace")
+        # A binary column (MySQL's BLOB, BINARY) as text only when it is text: anything
+        # else would not come back as the same bytes.
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TaskError(
+                "dptr.Copy.BinaryValue",
+                "a value is binary, not UTF-8 text; select it as text (HEX(), TO_BASE64(), encode())",
+            ) from None
     return str(value)
 
 
@@ -229,7 +246,8 @@ def decompressed(chunks: Iterable[bytes], what: str) -> Iterator[bytes]:
                 if out:
                     yield out
                 if inflater.eof:
-                    pending = inflater.unused_data
+                    # Another member may follow; zeros after the last one are padding (gzip(1) skips them).
+                    pending = inflater.unused_data.lstrip(b"\0")
                     inflater = zlib.decompressobj(wbits=31)
                     started = False
                 else:

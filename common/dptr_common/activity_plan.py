@@ -211,9 +211,9 @@ def _lookup(objects: Mapping[str, PipelineObject], ref: str, what: str) -> Pipel
     return obj
 
 
-def _database(obj: PipelineObject) -> DatabasePlan:
-    kind = _type(obj)
-    where = f"{kind} {obj.id!r}"
+def _database(obj: PipelineObject, kind: str | None = None) -> DatabasePlan:
+    kind = kind or _type(obj)
+    where = f"{_type(obj)} {obj.id!r}"
     username, password = _single(obj, "username"), obj.first("*password")
     properties = parse_properties(obj.values("jdbcProperties"), where=where)
     if kind == "JdbcDatabase":
@@ -339,7 +339,12 @@ def _data_format(obj: PipelineObject) -> DataFormatPlan:
             "dptr.Copy.BadDataFormat", f"{where}: columnSeparator and recordSeparator must differ"
         )
     return DataFormatPlan(
-        id=obj.id, type="Custom", column_separator=separator, record_separator=records, columns=columns
+        id=obj.id,
+        type="Custom",
+        column_separator=separator,
+        record_separator=records,
+        escape_char=escape,
+        columns=columns,
     )
 
 
@@ -370,17 +375,23 @@ def _node(objects: Mapping[str, PipelineObject], ref: str, what: str) -> NodePla
             encryption=location.encryption,
             kms_key_id=location.kms_key_id,
         )
-    if kind == "SqlDataNode":
+    if kind in ("SqlDataNode", "MySqlDataNode"):
         database = _ref(obj, "database")
-        if database is None:
-            raise TaskError("dptr.Copy.BadDataNode", f"SqlDataNode {obj.id!r} has no database")
+        if database is not None:
+            db = _database(_lookup(objects, database, "database"))
+        elif _single(obj, "connectionString"):
+            # The node's own connectionString, username and *password: MySqlDataNode (the
+            # guide's deprecated type, still in its MySQL examples) or a SqlDataNode so written.
+            db = _database(obj, kind="JdbcDatabase")
+        else:
+            raise TaskError("dptr.Copy.BadDataNode", f"{kind} {obj.id!r} has no database")
         return NodePlan(
             id=obj.id,
             type="SqlDataNode",
             table=_single(obj, "table"),
             select_query=_single(obj, "selectQuery"),
             insert_query=_single(obj, "insertQuery"),
-            database=_database(_lookup(objects, database, "database")),
+            database=db,
         )
     raise TaskError(
         error_id("Copy", "UnsupportedDataNode", kind),

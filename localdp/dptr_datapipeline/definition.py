@@ -200,8 +200,9 @@ class Definition:
             err(dupe, f"ERROR: duplicate object id '{dupe}'")
         declared = {p["id"] for p in self.parameter_objects}
         for param_id in declared:
-            if not param_id.startswith("my"):
-                err(param_id, f"ERROR: parameter id '{param_id}' must start with 'my'")
+            # '*my...' is an encrypted parameter (the guide's *myPassword).
+            if not param_id.removeprefix("*").startswith("my"):
+                err(param_id, f"ERROR: parameter id '{param_id}' must start with 'my' (or '*my')")
         for value in self.parameter_values:
             if value["id"] not in declared:
                 err(value["id"], f"ERROR: value given for undeclared parameter '{value['id']}'")
@@ -273,13 +274,19 @@ Lookup = Callable[[str], "list[Field] | None"]
 def evaluate(text: str, fields_of: Lookup, self_id: str, params: Mapping[str, list[str]]) -> str:
     """Substitute simple ``#{...}`` references in ``text``.
 
-    Supported: ``#{myParameter}``, ``#{field}`` and ``#{@systemField}`` of the
+    Supported: ``#{myParameter}`` (``#{*myParameter}`` for an encrypted one), ``#{field}`` and ``#{@systemField}`` of the
     object itself, and dotted paths through references (``#{input.directoryPath}``).
     Anything else (functions such as ``format(...)``) is left as written, so a
     runner sees exactly what the service could not evaluate.
     """
 
     def substitute(match: re.Match[str]) -> str:
+        name = match.group(1).strip()
+        if name.startswith("*"):
+            # An encrypted parameter (an id starting with '*', the guide's #{*myPassword}):
+            # only a parameter can be named so.
+            values = params.get(name)
+            return values[0] if values else match.group(0)
         simple = _SIMPLE_PATH.match(match.group(1))
         if not simple:
             return match.group(0)

@@ -376,8 +376,15 @@ class Engine:
         p.instances = {}
         by_component: dict[str, Instance] = {}
         activities = [o for o in defn.objects if defn.type_of(o) in ACTIVITY_TYPES]
+        lookup, params = self._lookup(p), self._params(p)
+
+        def worker_group_of(comp: str) -> str | None:
+            # A workerGroup may be a parameter (#{myWorkerGroup}), as any field may.
+            raw = defn.first(comp, "workerGroup")
+            return None if raw is None else evaluate(raw, lookup, comp, params)
+
         for comp in activities:
-            wg = defn.first(comp, "workerGroup")
+            wg = worker_group_of(comp)
             if wg is None:
                 continue
             inst = Instance(f"@{comp}_{stamp}", p, comp, "activity", scheduled, wg, now)
@@ -395,11 +402,11 @@ class Engine:
         for comp in defn.objects:
             if defn.type_of(comp) not in PRECONDITION_TYPES:
                 continue
-            wg = defn.first(comp, "workerGroup")
+            wg = worker_group_of(comp)
             if wg is None:
                 # A precondition runs where the activity it guards runs.
                 users = [a for a in activities if comp in guarded_by(a)]
-                wg = next((w for a in users if (w := defn.first(a, "workerGroup")) is not None), None)
+                wg = next((w for a in users if (w := worker_group_of(a)) is not None), None)
             if wg is None:
                 continue
             inst = Instance(f"@{comp}_{stamp}", p, comp, "precondition", scheduled, wg, now)

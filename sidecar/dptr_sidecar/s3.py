@@ -15,6 +15,7 @@ service, as for the Data Pipeline client: a pod must not silently act as its nod
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -36,6 +37,8 @@ __all__ = [
     "parse_s3_uri",
     "sse_args",
 ]
+
+log = logging.getLogger("dptr.s3")
 
 #: Read/write granularity of a download.
 CHUNK_SIZE = 1024 * 1024
@@ -289,7 +292,10 @@ class S3Client:
     def upload_stream(
         self, chunks: Iterable[bytes], uri: S3Uri, *, extra: Mapping[str, str] | None = None
     ) -> int:
-        """Upload a stream of unknown length, holding at most about one part in memory."""
+        """Upload a stream of unknown length, holding at most about one part in memory.
+
+        S3 takes at most 10,000 parts: the part size doubles after every 2,000, so a stream
+        of up to about 500 GiB fits (the memory held grows only past 16 GiB uploaded)."""
         extra = dict(extra or {})
         buffer = bytearray()
         upload_id: str | None = None
@@ -299,13 +305,13 @@ class S3Client:
             for chunk in chunks:
                 buffer += chunk
                 total += len(chunk)
-                while len(buffer) >= self.part_size:
+                while len(buffer) >= (size := self.part_size << (len(parts) // 2000)):
                     if upload_id is None:
                         upload_id = self._client.create_multipart_upload(
                             Bucket=uri.bucket, Key=uri.key, **extra
                         )["UploadId"]
-                    part = bytes(buffer[: self.part_size])
-                    del buffer[: self.part_size]
+                    part = bytes(buffer[:size])
+                    del buffer[:size]
                     parts.append(self._upload_part(uri, upload_id, len(parts) + 1, part))
                     del part
             if upload_id is None:
@@ -322,8 +328,14 @@ class S3Client:
             # Whatever ends the stream (S3, or the producer of ``chunks``: a bad record, a
             # SIGTERM) leaves no object behind: the parts are dropped.
             if upload_id is not None:
-                with contextlib.suppress(Exception):
+                try:
                     self._client.abort_multipart_upload(Bucket=uri.bucket, Key=uri.key, UploadId=upload_id)
+                except Exception as abort_error:
+                    # Its parts stay (and are billed) until a lifecycle rule drops them
+                    # (docs/install.md: AbortIncompleteMultipartUpload).
+                    log.warning(
+                        "could not abort the multipart upload %s of %s: %s", upload_id, uri, abort_error
+                    )
             if isinstance(exc, S3Error) or not _from_aws_call(exc):
                 raise
             raise self._error(exc, uri) from exc

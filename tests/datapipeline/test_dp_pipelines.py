@@ -107,6 +107,39 @@ def test_get_pipeline_definition_round_trips_fields_and_parameters(dp: Any) -> N
     assert field(task["objects"][task["attemptId"]], "command") == "echo at-activation"
 
 
+def test_encrypted_parameters_and_a_parameterised_worker_group(dp: Any) -> None:
+    """The guide's ``*myPassword`` parameters (``#{*myPassword}``) and a workerGroup given
+    by a parameter, as docs/examples/copy-mysql-to-s3.json writes them."""
+    pipeline_id = _create(dp)
+    definition = definition_file_to_api(
+        {
+            "objects": [
+                {"id": "Default", "workerGroup": "#{myWorkerGroup}"},
+                {
+                    "id": "Run",
+                    "type": "ShellCommandActivity",
+                    "command": "true",
+                    "*password": "#{*myPassword}",
+                },
+            ],
+            "parameters": [
+                {"id": "*myPassword", "type": "String"},
+                {"id": "myWorkerGroup", "type": "String"},
+            ],
+            "values": {"*myPassword": "pa55", "myWorkerGroup": "wg-from-param"},
+        }
+    )
+    checked = dp.validate_pipeline_definition(pipelineId=pipeline_id, **definition)
+    assert checked["errored"] is False, checked.get("validationErrors")
+    dp.put_pipeline_definition(pipelineId=pipeline_id, **definition)
+    dp.activate_pipeline(pipelineId=pipeline_id)
+    task = dp.poll_for_task(workerGroup="wg-from-param")["taskObject"]
+    assert field(task["objects"][task["attemptId"]], "*password") == "pa55"
+    bad = definition_file_to_api({"objects": [{"id": "Default"}], "parameters": [{"id": "*password"}]})
+    errors = dp.validate_pipeline_definition(pipelineId=pipeline_id, **bad)["validationErrors"]
+    assert "must start with 'my'" in errors[0]["errors"][0]
+
+
 def test_depends_on_orders_the_work(svc: LocalDataPipeline, dp: Any) -> None:
     pipeline_id = svc.run_pipeline(
         {

@@ -12,7 +12,9 @@ record) and dptr's ``\\N`` for NULL (docs/task-runner-parity.md).
 from __future__ import annotations
 
 import gzip
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,11 +22,15 @@ from op_helpers import Cluster, OperatorProcess
 from parity_helpers import WORKER_GROUP, ParityS3, outcomes
 from sql_helpers import database, everything_said, rows, running
 
+from dptr_activities.records import RecordFormat, parse_records
 from dptr_datapipeline import LocalDataPipeline
+from dptr_datapipeline.definition import definition_file_to_api
 from dptr_testbed.databases import DatabaseServer
 from dptr_testbed.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Commas, quotes, a newline, backslashes, NULL, an empty string, a literal "\N", non-ASCII.
 HOSTILE_CSV = (
@@ -238,4 +244,47 @@ def test_a_cancel_stops_the_copys_query_on_the_server(
     wait_for(lambda: not running(server, marker), timeout=30, what="the query gone from the server")
     wait_for(lambda: not parity_runner.pods(), timeout=60, what="the pod gone after the cancel")
     assert parity_s3.keys("cancelled/") == []  # the multipart upload was aborted, not completed
+    datapipeline.assert_clean()
+
+
+def test_the_guides_mysql_example_validates_and_runs(
+    parity_runner: Cluster, datapipeline: LocalDataPipeline, parity_s3: ParityS3, mariadb: DatabaseServer
+) -> None:
+    """docs/examples/copy-mysql-to-s3.json: the guide's "Copy MySQL data" pipeline
+    (dp-copymysql-cli, and the "Full copy of RDS MySQL table to S3" template's
+    parameters), with a workerGroup for runsOn, and back into a MySqlDataNode."""
+    table = f"t_{uuid.uuid4().hex[:10]}"
+    conn = mariadb.connect()
+    try:
+        cur = conn.cursor()
+        cur.execute(f"CREATE TABLE {table} (id INTEGER, name VARCHAR(200), note VARCHAR(200))")
+        cur.execute(f"CREATE TABLE {table}_copy LIKE {table}")
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)", HOSTILE_ROWS)
+        conn.commit()
+    finally:
+        conn.close()
+    definition = json.loads((REPO / "docs" / "examples" / "copy-mysql-to-s3.json").read_text())
+    values = {
+        "myRDSConnectStr": mariadb.jdbc_url,
+        "myRDSUsername": mariadb.user,
+        "*myRDSPassword": mariadb.password,
+        "myRDSTableName": table,
+        "myOutputS3Loc": parity_s3.uri("guide/"),
+        "myWorkerGroup": WORKER_GROUP,
+    }
+    client = datapipeline.client()
+    pipeline_id = client.create_pipeline(name="guide-mysql", uniqueId=uuid.uuid4().hex)["pipelineId"]
+    api = definition_file_to_api({**definition, "values": values})
+    checked = client.validate_pipeline_definition(pipelineId=pipeline_id, **api)
+    assert not checked["errored"], checked["validationErrors"]
+    put = client.put_pipeline_definition(pipelineId=pipeline_id, **api)
+    assert not put["errored"], put["validationErrors"]
+    client.activate_pipeline(pipelineId=pipeline_id)
+    done = outcomes(datapipeline, "RDStoS3CopyActivity", "S3toMySqlCopyActivity", timeout=180)
+    for name, record in done.items():
+        assert record.outcome == "FINISHED", (name, record.error_id, record.error_message)
+    # "select * from" has no order: the unload holds the input's records, in some order.
+    unload = list(parse_records([parity_s3.read("guide/part-00000").decode()], RecordFormat.of(None)))
+    assert sorted(unload, key=lambda r: int(str(r[0]))) == [[str(r[0]), r[1], r[2]] for r in HOSTILE_ROWS]
+    assert rows(mariadb, f"SELECT id, name, note FROM {table}_copy ORDER BY id") == HOSTILE_ROWS
     datapipeline.assert_clean()

@@ -143,9 +143,104 @@ def test_table_names_authors_write_pass(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["orders; DROP TABLE x", "orders --", "a.b.c.d", '"a"b"', "1table", "t (id)", "orders WHERE 1=1", ""],
+    [
+        "orders; DROP TABLE x",
+        "orders --",
+        "a.b.c.d",
+        '"a"b"',
+        "1table",
+        "t (id)",
+        "orders WHERE 1=1",
+        "",
+        '"a%s"',
+        "`a\\`",
+    ],
 )
 def test_anything_else_as_a_table_name_is_refused(name: str) -> None:
     with pytest.raises(TaskError) as info:
         table_name(name, "Node")
     assert info.value.error_id == "dptr.Copy.BadTableName"
+
+
+@pytest.mark.parametrize(
+    ("column", "record", "escape"), [("N", "\n", "\\"), (",", "N", "\\"), (",", "\n", "N")]
+)
+def test_n_cannot_be_a_separator_or_the_escape_for_null_would_be_ambiguous(
+    column: str, record: str, escape: str
+) -> None:
+    plan = DataFormatPlan(
+        id="C", type="Custom", column_separator=column, record_separator=record, escape_char=escape
+    )
+    with pytest.raises(TaskError, match="N cannot be") as info:
+        RecordFormat.of(plan)
+    assert info.value.error_id == "dptr.Copy.BadDataFormat"
+
+
+def test_a_record_of_many_escaped_newlines_is_one_record() -> None:
+    text = "".join(write_records([["x\n" * 50_000, "y"]], CSV))
+    chunks = _chunked(text, 4096)
+    assert list(parse_records(chunks, CSV)) == [["x\n" * 50_000, "y"]]
+
+
+def test_a_binary_value_that_is_not_text_fails_rather_than_changes() -> None:
+    assert "".join(write_records([[b"caf\xc3\xa9"]], CSV)) == "café\n"
+    with pytest.raises(TaskError) as info:
+        "".join(write_records([[b"\xff\x00"]], CSV))
+    assert info.value.error_id == "dptr.Copy.BinaryValue"
+
+
+def test_zeros_after_the_last_gzip_member_are_padding() -> None:
+    packed = gzip.compress(b"records\n") + b"\0" * 512
+    assert b"".join(decompressed([packed], "s3://b/k.gz")) == b"records\n"
+
+
+def test_a_mysql_data_node_carries_its_own_connection() -> None:
+    """The guide's MySqlDataNode (and a SqlDataNode so written): connectionString, username
+    and *password on the node itself, no database object."""
+    from dptr_samples import task_object
+
+    from dptr_common.activity_plan import build_plan
+    from dptr_common.task import parse_task
+
+    raw = task_object()
+    attempt = raw["objects"][raw["attemptId"]]
+    attempt["fields"] = [
+        {"key": "type", "stringValue": "CopyActivity"},
+        {"key": "input", "refValue": "Table"},
+        {"key": "output", "refValue": "Out"},
+    ]
+    node = {
+        "type": "MySqlDataNode",
+        "table": "orders",
+        "connectionString": "jdbc:mysql://db.internal:3306/shop",
+        "username": "etl",
+        "*password": "pa55",
+    }
+    raw["objects"] = {
+        raw["attemptId"]: attempt,
+        "Table": {
+            "id": "Table",
+            "name": "Table",
+            "fields": [{"key": k, "stringValue": v} for k, v in node.items()],
+        },
+        "Out": {
+            "id": "Out",
+            "name": "Out",
+            "fields": [
+                {"key": "type", "stringValue": "S3DataNode"},
+                {"key": "filePath", "stringValue": "s3://b/orders.csv"},
+            ],
+        },
+    }
+    plan = build_plan(parse_task(raw))
+    assert plan.input is not None and plan.input.database is not None
+    assert (plan.input.type, plan.input.table) == ("SqlDataNode", "orders")
+    db = plan.input.database
+    assert (db.dialect, db.host, db.port, db.database, db.username, db.password) == (
+        "mysql",
+        "db.internal",
+        3306,
+        "shop",
+        "etl",
+        "pa55",
+    )
