@@ -366,7 +366,7 @@ class TaskRunnerSpec(CamelModel):
     pass_data_pipeline_credentials: bool = False
     history_limits: HistoryLimits = Field(default_factory=HistoryLimits)
     sidecar_image: str | None = None
-    #: The image of SqlActivity attempts (dptr-activity); unset, the operator's --activity-image.
+    #: The image of SqlActivity and CopyActivity attempts (dptr-activity); unset, the operator's --activity-image.
     activity_image: str | None = Field(default=None, min_length=1, max_length=1024)
     task_io: TaskIOLimits = Field(default_factory=TaskIOLimits, alias="taskIO")
     #: The proxy of this runner's pods (dptr's containers; the task's with passToTask);

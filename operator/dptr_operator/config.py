@@ -32,7 +32,7 @@ class OperatorConfig(BaseModel):
     time_scale: float = Field(default=1.0, gt=0, le=10)
 
     sidecar_image: str = "ghcr.io/dptr-dev/dptr:0.1.0"
-    #: The image of SqlActivity attempts (a TaskRunner's activityImage wins).
+    #: The image of SqlActivity and CopyActivity attempts (a TaskRunner's activityImage wins).
     activity_image: str = "ghcr.io/dptr-dev/dptr-activity:0.1.0"
     sidecar_service_account: str = "dptr-sidecar"
     #: NAME=VALUE pairs every dptr container of a task pod gets (not the task's own).
@@ -196,7 +196,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument(
         "--activity-image",
         default=env.get("DPTR_ACTIVITY_IMAGE") or "ghcr.io/dptr-dev/dptr-activity:0.1.0",
-        help="image of SqlActivity attempts: dptr-activity and its database drivers (a TaskRunner's "
+        help="image of SqlActivity and CopyActivity attempts: dptr-activity and its database drivers (a TaskRunner's "
         "activityImage wins); env DPTR_ACTIVITY_IMAGE",
     )
     parser.add_argument(

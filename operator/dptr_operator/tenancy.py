@@ -113,7 +113,7 @@ class TenancyPolicy:
             "endpointUrl": spec.endpoint_url is not None,
             "s3EndpointUrl": spec.s3_endpoint_url is not None,
             "sidecarImage": spec.sidecar_image is not None,
-            # dptr's SqlActivity code, with the runner's identity and the database password.
+            # dptr's SqlActivity and CopyActivity code, with the runner's identity and the database password.
             "activityImage": spec.activity_image is not None,
             "passDataPipelineCredentials": spec.pass_data_pipeline_credentials
             and spec.credentials.mode == "PodIdentity",

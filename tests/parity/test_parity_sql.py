@@ -143,3 +143,42 @@ def test_a_cancel_stops_the_running_query_on_the_server(
     assert time.monotonic() - started < 30
     wait_for(lambda: not parity_runner.pods(), timeout=60, what="the pod gone after the cancel")
     datapipeline.assert_clean()
+
+
+def test_a_non_ascii_password_logs_in(
+    parity_runner: Cluster, datapipeline: LocalDataPipeline, server: DatabaseServer, table: str
+) -> None:
+    """PyMySQL would send a str password as Latin-1 (and fail on €); dptr sends UTF-8, as
+    the server's own clients do.  The fixture's user gets the password for this test only."""
+    password = "pä55-€-東京"
+    admin = server.connect()  # stays open: the login is restored through it
+    try:
+        cur = admin.cursor()
+        if server.kind == "postgresql":
+            cur.execute(f"ALTER ROLE CURRENT_USER PASSWORD '{password}'")
+        else:
+            cur.execute(f"SET PASSWORD = PASSWORD('{password}')")
+        try:
+            datapipeline.run_pipeline(
+                {
+                    "Db": database(server, password),
+                    "Fill": {
+                        "type": "SqlActivity",
+                        "database": {"ref": "Db"},
+                        "script": f"CREATE TABLE {table} (id INTEGER)",
+                        "maximumRetries": "0",
+                    },
+                },
+                worker_group=WORKER_GROUP,
+            )
+            record = outcomes(datapipeline, "Fill", timeout=120)["Fill"]
+        finally:
+            if server.kind == "postgresql":
+                cur.execute(f"ALTER ROLE CURRENT_USER PASSWORD '{server.password}'")
+            else:
+                cur.execute(f"SET PASSWORD = PASSWORD('{server.password}')")
+    finally:
+        admin.close()
+    assert record.outcome == "FINISHED", (record.error_id, record.error_message)
+    assert rows(server, f"SELECT count(*) FROM {table}") == [(0,)]
+    datapipeline.assert_clean()
