@@ -165,7 +165,12 @@ def _s3_to_s3(s3: S3Client, source: NodePlan, target: NodePlan, stopping: thread
     by_bytes = by_bytes or (
         source.data_format is not None and source.data_format.same_bytes_as(target.data_format)
     )
-    fmt_in, fmt_out = RecordFormat.of(source.data_format), RecordFormat.of(target.data_format)
+    # A byte copy never parses a record: its format is not checked for record rules.
+    fmt_in, fmt_out = (
+        (None, None)
+        if by_bytes
+        else (RecordFormat.of(source.data_format), RecordFormat.of(target.data_format))
+    )
     count = 0
 
     def body(objects: Iterable[S3Uri]) -> Iterator[bytes]:
@@ -173,7 +178,7 @@ def _s3_to_s3(s3: S3Client, source: NodePlan, target: NodePlan, stopping: thread
         for uri in objects:
             count += 1
             chunks = _read(s3, uri, source, stopping)
-            if by_bytes:
+            if fmt_in is None or fmt_out is None:
                 yield from chunks
             else:
                 rows = parse_records(decoded(chunks, str(uri)), fmt_in)
@@ -244,6 +249,8 @@ def _s3_to_sql(
     try:
         # The target's table and insertQuery are checked before any record is read.
         _insert_statement(target, source, 0, session.dialect)
+        if target.create_table_sql:
+            _create_table(session, target)
         stream = records()
         first = next(stream, None)
         if first is None:
@@ -273,6 +280,32 @@ def _s3_to_sql(
         raise
     finally:
         session.close()
+
+
+def _create_table(session: Session, target: NodePlan) -> None:
+    """The node's ``createTableSql``, run when its ``table`` does not exist yet (in the copy's
+    transaction on PostgreSQL; MySQL commits DDL at once)."""
+    if not target.table:
+        raise TaskError(
+            "dptr.Copy.BadDataNode", f"SqlDataNode {target.id!r} has createTableSql but no table to check"
+        )
+    probe = f"SELECT 1 FROM {table_name(target.table, target.id)} WHERE 1 = 0"
+    try:
+        session.execute(probe)
+        return
+    except DatabaseError:
+        session.rollback()  # no such table (or none we may read): create it
+    statements = split_script(str(target.create_table_sql), dialect=session.dialect)
+    if len(statements) != 1 or statements[0].parameters:
+        raise TaskError(
+            "dptr.Copy.BadCreateTableSql",
+            f"SqlDataNode {target.id!r}: createTableSql must be one statement without ? placeholders",
+        )
+    try:
+        session.execute(statements[0].text)
+    except DatabaseError as exc:
+        raise DatabaseError(exc.error_id, f"createTableSql of {target.id}: {exc.message}") from exc
+    log.info("dptr: created table %s (createTableSql of %s)", target.table, target.id)
 
 
 def _insert(

@@ -234,22 +234,23 @@ def encoded(texts: Iterable[str]) -> Iterator[bytes]:
 
 
 def decompressed(chunks: Iterable[bytes], what: str) -> Iterator[bytes]:
-    """A gzip stream's bytes, member after member (``cat a.gz b.gz`` is one stream)."""
+    """A gzip stream's bytes, member after member (``cat a.gz b.gz`` is one stream); zeros
+    after a member are padding (gzip(1) skips them), wherever the chunks split them."""
     inflater = zlib.decompressobj(wbits=31)
     started = False
+    between = False  # after a member's end: zeros are skipped until the next member
     try:
         for chunk in chunks:
-            pending = chunk
+            pending = chunk.lstrip(b"\0") if between else chunk
             while pending:
-                started = True
+                started, between = True, False
                 out = inflater.decompress(pending, 1024 * 1024)
                 if out:
                     yield out
                 if inflater.eof:
-                    # Another member may follow; zeros after the last one are padding (gzip(1) skips them).
                     pending = inflater.unused_data.lstrip(b"\0")
                     inflater = zlib.decompressobj(wbits=31)
-                    started = False
+                    started, between = False, True
                 else:
                     pending = inflater.unconsumed_tail
         if started:

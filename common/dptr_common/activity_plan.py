@@ -20,6 +20,7 @@ up with DescribeObjects before it builds the plan.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -128,6 +129,7 @@ class NodePlan(_Plan):
     table: str | None = None
     select_query: str | None = None
     insert_query: str | None = None
+    create_table_sql: str | None = None
     database: DatabasePlan | None = None
 
 
@@ -391,6 +393,7 @@ def _node(objects: Mapping[str, PipelineObject], ref: str, what: str) -> NodePla
             table=_single(obj, "table"),
             select_query=_single(obj, "selectQuery"),
             insert_query=_single(obj, "insertQuery"),
+            create_table_sql=_single(obj, "createTableSql"),
             database=db,
         )
     raise TaskError(
@@ -426,6 +429,26 @@ def _sql_activity(task: Task, objects: Mapping[str, PipelineObject]) -> Activity
     )
 
 
+_S3_PATH = re.compile(r"^s3[an]?://([^/]+)/?(.*)$")
+
+
+def _refuse_overlap(source: NodePlan, target: NodePlan) -> None:
+    """A directory's copy may not write under that directory: the listing, a page at a
+    time, would find what the copy wrote and copy it again, without end."""
+    src, dst = _S3_PATH.match(source.uri or ""), _S3_PATH.match(target.uri or "")
+    if source.kind != "directory" or src is None or dst is None or src.group(1) != dst.group(1):
+        return
+    prefix = src.group(2) if not src.group(2) or src.group(2).endswith("/") else src.group(2) + "/"
+    written = dst.group(2) if target.kind == "file" else dst.group(2).rstrip("/")
+    if target.kind == "directory" and written:
+        written += "/"
+    if written.startswith(prefix) or (target.kind == "directory" and prefix.startswith(written)):
+        raise TaskError(
+            "dptr.Copy.OverlappingPaths",
+            f"the output {target.uri} is inside (or holds) the input directory {source.uri}",
+        )
+
+
 def _copy_activity(task: Task, objects: Mapping[str, PipelineObject]) -> ActivityPlan:
     inputs, outputs = task.attempt.refs("input"), task.attempt.refs("output")
     if len(inputs) != 1 or len(outputs) != 1:
@@ -444,6 +467,7 @@ def _copy_activity(task: Task, objects: Mapping[str, PipelineObject]) -> Activit
     if target.type == "SqlDataNode" and not (target.insert_query or target.table):
         raise TaskError("dptr.Copy.BadDataNode", f"SqlDataNode {target.id!r} needs insertQuery or table")
     if source.type == "S3DataNode" and target.type == "S3DataNode":
+        _refuse_overlap(source, target)
         fmt_in, fmt_out = source.data_format, target.data_format
         if (fmt_in is None) != (fmt_out is None):
             raise TaskError(

@@ -42,6 +42,8 @@ log = logging.getLogger("dptr.s3")
 
 #: Read/write granularity of a download.
 CHUNK_SIZE = 1024 * 1024
+#: S3's most parts in one multipart upload.
+MAX_PARTS = 10_000
 #: Multipart part size (S3's minimum is 5 MiB); the memory a single upload holds.
 PART_SIZE = 8 * 1024 * 1024
 
@@ -116,6 +118,9 @@ def sse_args(encryption: str | None, kms_key_id: str | None) -> dict[str, str]:
 
 class S3Client:
     """The few S3 calls dptr needs, streaming, with S3's errors as :class:`S3Error`."""
+
+    #: upload_stream doubles its part size after this many parts (S3's limit is 10,000).
+    parts_per_doubling = 2000
 
     def __init__(
         self,
@@ -294,8 +299,10 @@ class S3Client:
     ) -> int:
         """Upload a stream of unknown length, holding at most about one part in memory.
 
-        S3 takes at most 10,000 parts: the part size doubles after every 2,000, so a stream
-        of up to about 500 GiB fits (the memory held grows only past 16 GiB uploaded)."""
+        S3 takes at most 10,000 parts: the part size doubles after every
+        :attr:`parts_per_doubling` parts, up to 8 times the first (64 MiB), so a stream of
+        up to about 350 GiB fits; the memory held grows only past 16 GiB uploaded, to about
+        two 64 MiB parts.  A longer stream fails ``TooManyParts`` (its upload aborted)."""
         extra = dict(extra or {})
         buffer = bytearray()
         upload_id: str | None = None
@@ -305,12 +312,20 @@ class S3Client:
             for chunk in chunks:
                 buffer += chunk
                 total += len(chunk)
-                while len(buffer) >= (size := self.part_size << (len(parts) // 2000)):
+                while len(buffer) >= (
+                    size := self.part_size << min(len(parts) // self.parts_per_doubling, 3)
+                ):
+                    if len(parts) >= MAX_PARTS - 1:
+                        raise S3Error(
+                            "TooManyParts",
+                            f"{uri}: the stream is longer than S3's {MAX_PARTS} parts",
+                            uri=str(uri),
+                        )
                     if upload_id is None:
                         upload_id = self._client.create_multipart_upload(
                             Bucket=uri.bucket, Key=uri.key, **extra
                         )["UploadId"]
-                    part = bytes(buffer[:size])
+                    part = bytes(memoryview(buffer)[:size])  # one copy, not two
                     del buffer[:size]
                     parts.append(self._upload_part(uri, upload_id, len(parts) + 1, part))
                     del part

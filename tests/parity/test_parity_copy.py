@@ -161,12 +161,14 @@ def test_a_bad_record_fails_the_copy_and_inserts_nothing(
 ) -> None:
     table = f"t_{uuid.uuid4().hex[:10]}"
     _create(postgres, table)
-    good = "".join(f"{i},name {i},note\n" for i in range(1, 5001))
-    parity_s3.put("bad/in.csv", (good + "5001,only two\n").encode())
+    # A Custom format, as the guide's Hive-style exports write it.
+    good = "".join(f"{i}|name {i}|a\\|b\u0001" for i in range(1, 5001))
+    parity_s3.put("bad/in.txt", (good + "5001|only two\u0001").encode())
     datapipeline.run_pipeline(
         {
             "Db": database(postgres),
-            "Source": _s3_node(parity_s3.uri("bad/in.csv")),
+            "Custom": {"type": "Custom", "columnSeparator": "|", "recordSeparator": "\\u0001"},
+            "Source": _s3_node(parity_s3.uri("bad/in.txt"), dataFormat={"ref": "Custom"}),
             "Table": {"type": "SqlDataNode", "database": {"ref": "Db"}, "table": table},
             "Load": _copy("Source", "Table"),
         },
@@ -189,21 +191,23 @@ def test_a_hundred_thousand_rows_copy_in_and_out(
     server: DatabaseServer,
     table: str,
 ) -> None:
-    _create(server, table)
-    data = "".join(f"{i},name {i} é,note\\, {i % 97}\n" for i in range(1, 100_001)).encode()
-    parity_s3.put("big/in.csv.gz", gzip.compress(data))
+    """TSV, gzip in, createTableSql (the table does not exist yet), insertQuery, selectQuery."""
+    data = "".join(f"{i}\tname {i} é\tnote\\\t{i % 97}\n" for i in range(1, 100_001)).encode()
+    parity_s3.put("big/in.tsv.gz", gzip.compress(data))
     datapipeline.run_pipeline(
         {
             "Db": database(server),
-            "Source": _s3_node(parity_s3.uri("big/in.csv.gz"), compression="gzip"),
+            "Tsv": {"type": "TSV"},
+            "Source": _s3_node(parity_s3.uri("big/in.tsv.gz"), compression="gzip", dataFormat={"ref": "Tsv"}),
             "Table": {
                 "type": "SqlDataNode",
                 "database": {"ref": "Db"},
                 "table": table,
+                "createTableSql": f"CREATE TABLE {table} (id INTEGER, name VARCHAR(200), note VARCHAR(200))",
                 "insertQuery": f"INSERT INTO {table} (id, name, note) VALUES (?, ?, ?)",
                 "selectQuery": f"SELECT id, name, note FROM {table} ORDER BY id",
             },
-            "Target": _s3_node(parity_s3.uri("big/out.csv")),
+            "Target": _s3_node(parity_s3.uri("big/out.tsv"), dataFormat={"ref": "Tsv"}),
             "Load": _copy("Source", "Table"),
             "Unload": {**_copy("Table", "Target"), "dependsOn": {"ref": "Load"}},
         },
@@ -213,7 +217,8 @@ def test_a_hundred_thousand_rows_copy_in_and_out(
     for name, record in done.items():
         assert record.outcome == "FINISHED", (name, record.error_id, record.error_message)
     assert rows(server, f"SELECT count(*), min(id), max(id) FROM {table}") == [(100_000, 1, 100_000)]
-    assert parity_s3.read("big/out.csv") == data
+    assert rows(server, f"SELECT note FROM {table} WHERE id = 5") == [("note\t5",)]
+    assert parity_s3.read("big/out.tsv") == data
     datapipeline.assert_clean()
 
 
@@ -248,7 +253,11 @@ def test_a_cancel_stops_the_copys_query_on_the_server(
 
 
 def test_the_guides_mysql_example_validates_and_runs(
-    parity_runner: Cluster, datapipeline: LocalDataPipeline, parity_s3: ParityS3, mariadb: DatabaseServer
+    parity_runner: Cluster,
+    parity_operator: OperatorProcess,
+    datapipeline: LocalDataPipeline,
+    parity_s3: ParityS3,
+    mariadb: DatabaseServer,
 ) -> None:
     """docs/examples/copy-mysql-to-s3.json: the guide's "Copy MySQL data" pipeline
     (dp-copymysql-cli, and the "Full copy of RDS MySQL table to S3" template's
@@ -287,4 +296,6 @@ def test_the_guides_mysql_example_validates_and_runs(
     unload = list(parse_records([parity_s3.read("guide/part-00000").decode()], RecordFormat.of(None)))
     assert sorted(unload, key=lambda r: int(str(r[0]))) == [[str(r[0]), r[1], r[2]] for r in HOSTILE_ROWS]
     assert rows(mariadb, f"SELECT id, name, note FROM {table}_copy ORDER BY id") == HOSTILE_ROWS
+    # The MySqlDataNode's own *password, and the encrypted parameter it came from.
+    assert mariadb.password not in everything_said(parity_runner, parity_operator, parity_s3)
     datapipeline.assert_clean()

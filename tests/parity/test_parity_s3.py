@@ -65,3 +65,33 @@ def test_list_yields_every_object_under_a_prefix(s3: S3Client, s3_raw: Any, s3_b
     for key in ("d/a", "d/sub/b", "dx/c", "e"):
         s3_raw.put_object(Bucket=s3_bucket, Key=key, Body=b"1")
     assert sorted(u.key for u, _ in s3.list(S3Uri(s3_bucket, "d/"))) == ["d/a", "d/sub/b"]
+
+
+def test_a_stream_that_fails_after_parts_were_sent_leaves_no_object_and_no_upload(
+    s3_env: dict[str, str], s3_raw: Any, s3_bucket: str
+) -> None:
+    class Refused(Exception):
+        pass
+
+    def chunks() -> Any:
+        for _ in range(12):
+            yield os.urandom(MIB)
+        raise Refused("a bad record after two parts")
+
+    with S3Client(env=s3_env, part_size=5 * MIB) as s3, pytest.raises(Refused):
+        s3.upload_stream(chunks(), S3Uri(s3_bucket, "aborted"))
+    assert "Contents" not in s3_raw.list_objects_v2(Bucket=s3_bucket, Prefix="aborted")
+    assert not s3_raw.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+def test_the_part_size_grows_so_that_a_long_stream_fits_in_s3s_parts(
+    s3_env: dict[str, str], s3_raw: Any, s3_bucket: str
+) -> None:
+    chunks = [os.urandom(MIB) for _ in range(42)]
+    with S3Client(env=s3_env, part_size=5 * MIB) as s3:
+        s3.parts_per_doubling = 1  # 5, 10, 20, 40 MiB ... at most 8 times the first
+        s3.upload_stream(iter(chunks), S3Uri(s3_bucket, "grown"))
+    assert read_object(s3_raw, s3_bucket, "grown") == b"".join(chunks)
+    head = s3_raw.head_object(Bucket=s3_bucket, Key="grown", PartNumber=3)
+    assert head["ContentLength"] == 20 * MIB  # the third part: two doublings
+    assert s3_raw.head_object(Bucket=s3_bucket, Key="grown")["ETag"].strip('"').endswith("-4")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import random
+from typing import Any
 
 import pytest
 
@@ -244,3 +245,79 @@ def test_a_mysql_data_node_carries_its_own_connection() -> None:
         "etl",
         "pa55",
     )
+
+
+def test_zeros_after_a_member_are_padding_across_chunks_too() -> None:
+    packed = gzip.compress(b"one\n") + b"\0" * 700 + gzip.compress(b"two\n") + b"\0" * 300
+    for size in (1, 7, 256, 4096):
+        pieces = [packed[i : i + size] for i in range(0, len(packed), size)]
+        assert b"".join(decompressed(pieces, "s3://b/k.gz")) == b"one\ntwo\n"
+
+
+def _copy_task(source: dict[str, str], target: dict[str, str], **more: dict[str, str]) -> Any:
+    from dptr_samples import task_object
+
+    from dptr_common.task import parse_task
+
+    raw = task_object()
+    attempt = raw["objects"][raw["attemptId"]]
+    attempt["fields"] = [
+        {"key": "type", "stringValue": "CopyActivity"},
+        {"key": "input", "refValue": "In"},
+        {"key": "output", "refValue": "Out"},
+    ]
+
+    def obj(object_id: str, fields: dict[str, str]) -> dict[str, Any]:
+        return {
+            "id": object_id,
+            "name": object_id,
+            "fields": [
+                {"key": k[1:], "refValue": v} if k.startswith("@") else {"key": k, "stringValue": v}
+                for k, v in fields.items()
+            ],
+        }
+
+    raw["objects"] = {
+        raw["attemptId"]: attempt,
+        "In": obj("In", source),
+        "Out": obj("Out", target),
+        **{k: obj(k, v) for k, v in more.items()},
+    }
+    return parse_task(raw)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("s3://b/in/", "s3://b/in/out/"),
+        ("s3://b/in/", "s3://b/in/"),
+        ("s3://b/in", "s3://b/"),
+        ("s3://b/in/", "s3://b/in/all.csv"),
+    ],
+)
+def test_a_directory_copy_may_not_write_under_its_own_input(source: str, target: str) -> None:
+    from dptr_common.activity_plan import build_plan
+
+    def node(path: str) -> dict[str, str]:
+        key = "filePath" if path.endswith(".csv") else "directoryPath"
+        return {"type": "S3DataNode", key: path}
+
+    with pytest.raises(TaskError) as info:
+        build_plan(_copy_task(node(source), node(target)))
+    assert info.value.error_id == "dptr.Copy.OverlappingPaths"
+    build_plan(_copy_task(node("s3://b/in/"), node("s3://b/input-copy/")))  # a sibling is fine
+    build_plan(_copy_task(node("s3://b/in/"), node("s3://other/in/out/")))  # another bucket too
+
+
+def test_a_custom_formats_escape_char_reaches_the_plan() -> None:
+    from dptr_common.activity_plan import build_plan
+
+    task = _copy_task(
+        {"type": "S3DataNode", "filePath": "s3://b/in.txt", "@dataFormat": "Fmt"},
+        {"type": "S3DataNode", "filePath": "s3://b/out.txt", "@dataFormat": "Fmt"},
+        Fmt={"type": "Custom", "columnSeparator": "\\t", "recordSeparator": "\\u0001", "escapeChar": "^"},
+    )
+    plan = build_plan(task)
+    assert plan.input is not None and plan.input.data_format is not None
+    fmt = RecordFormat.of(plan.input.data_format)
+    assert (fmt.column, fmt.record, fmt.escape) == ("\t", "\u0001", "^")
