@@ -26,6 +26,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from dptr_common import logformat
 from dptr_common.activity_plan import ActivityPlan
 from dptr_common.errors import TaskError, error_id
 
@@ -68,10 +69,13 @@ def load_plan(path: str, env: dict[str, str] | None = None) -> ActivityPlan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("DPTR_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    logformat.configure(
+        os.environ.get("DPTR_LOG_LEVEL", "INFO"),
+        os.environ.get("DPTR_LOG_FORMAT", "text"),  # the operator's --log-format
+        static={
+            "pipeline": os.environ.get("DPTR_PIPELINE_ID", ""),
+            "attempt": os.environ.get("DPTR_ATTEMPT_ID", ""),
+        },
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
     path = os.environ.get(PLAN_ENV) or ""

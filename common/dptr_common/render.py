@@ -67,6 +67,7 @@ from dptr_common.render_activity import activity_container, plan_volume, secret_
 from dptr_common.render_preconditions import check_timing, exists_container, wrap_check
 from dptr_common.render_staging import render_staging, wants_task_io
 from dptr_common.task import EXISTS_PRECONDITION, SHELL_COMMAND_ACTIVITY, SHELL_COMMAND_PRECONDITION, Task
+from dptr_common.version import ACTIVITY_IMAGE
 
 __all__ = [
     "FETCH_CONTAINER",
@@ -90,7 +91,7 @@ SUPPORTED_TYPES = frozenset(
 #: Types whose task container runs dptr's own code, as the runner (its AWS identity).
 OWN_CODE_TYPES = frozenset({EXISTS_PRECONDITION, *ACTIVITY_TYPES})
 #: The activity image when the operator is given none (--activity-image).
-DEFAULT_ACTIVITY_IMAGE = "ghcr.io/dptr-dev/dptr-activity:0.1.0"
+DEFAULT_ACTIVITY_IMAGE = ACTIVITY_IMAGE
 
 SCRIPT_VOLUME = "dptr-script"
 SCRIPT_DIR = "/dptr/script"
@@ -331,6 +332,10 @@ def _sidecar(
         _field_env("POD_UID", "metadata.uid"),
         _env("DPTR_PIPELINETASK", pipeline_task),
         _env("DPTR_TASKRUNNER", runner.metadata.name),
+        # For its log lines (dptr_common.logformat); the sidecar reads the ids it reports
+        # from the PipelineTask, never from here.
+        _env("DPTR_PIPELINE_ID", task.pipeline_id),
+        _env("DPTR_ATTEMPT_ID", task.attempt_id),
         _env("DPTR_REGION", runner.spec.region),
     ]
     if runner.spec.endpoint_url:

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from dptr_common import logformat
 from dptr_common.kube import KubeClient
 from dptr_operator.config import OperatorConfig, parse_args
 from dptr_operator.health import HealthServer, HealthState
@@ -30,10 +31,7 @@ def _kube(config: OperatorConfig) -> KubeClient:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logformat.configure(config.log_level, config.log_format)
     for noisy in ("botocore", "urllib3", "aiohttp", "kubernetes", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kube = _kube(config)

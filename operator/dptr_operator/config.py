@@ -13,10 +13,12 @@ import argparse
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from dptr_common.models import ProxySettings
+from dptr_common.version import ACTIVITY_IMAGE, SIDECAR_IMAGE
 from dptr_operator.tenancy import DEFAULT_VOLUME_TYPES, OVERRIDES, TenancyPolicy, parse_grants
 
 __all__ = ["OperatorConfig", "parse_args"]
@@ -31,9 +33,9 @@ class OperatorConfig(BaseModel):
     identity: str = Field(default_factory=socket.gethostname)
     time_scale: float = Field(default=1.0, gt=0, le=10)
 
-    sidecar_image: str = "ghcr.io/dptr-dev/dptr:0.1.0"
+    sidecar_image: str = SIDECAR_IMAGE
     #: The image of SqlActivity and CopyActivity attempts (a TaskRunner's activityImage wins).
-    activity_image: str = "ghcr.io/dptr-dev/dptr-activity:0.1.0"
+    activity_image: str = ACTIVITY_IMAGE
     sidecar_service_account: str = "dptr-sidecar"
     #: NAME=VALUE pairs every dptr container of a task pod gets (not the task's own).
     sidecar_env: list[str] = []
@@ -78,6 +80,8 @@ class OperatorConfig(BaseModel):
     watch_client_timeout: float = Field(default=330, gt=0)
     heartbeat_workers: int = Field(default=16, ge=1, le=256)
     log_level: str = "INFO"
+    #: text, or json (dptr_common.logformat); the sidecars of the task pods follow it.
+    log_format: Literal["text", "json"] = "text"
     _policy: TenancyPolicy = PrivateAttr(default_factory=TenancyPolicy)
 
     @model_validator(mode="after")
@@ -109,7 +113,10 @@ class OperatorConfig(BaseModel):
     @property
     def sidecar_container_env(self) -> dict[str, str]:
         """What every sidecar is given besides the task's own values."""
-        return {**self.extra_sidecar_env, "DPTR_TIME_SCALE": repr(self.time_scale)}
+        env = {**self.extra_sidecar_env, "DPTR_TIME_SCALE": repr(self.time_scale)}
+        if self.log_format != "text":
+            env["DPTR_LOG_FORMAT"] = self.log_format
+        return env
 
     @model_validator(mode="after")
     def _scope(self) -> OperatorConfig:
@@ -190,12 +197,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     )
     parser.add_argument(
         "--sidecar-image",
-        default=env.get("DPTR_SIDECAR_IMAGE") or "ghcr.io/dptr-dev/dptr:0.1.0",
+        default=env.get("DPTR_SIDECAR_IMAGE") or SIDECAR_IMAGE,
         help="default image of the dptr sidecar (a TaskRunner's sidecarImage wins)",
     )
     parser.add_argument(
         "--activity-image",
-        default=env.get("DPTR_ACTIVITY_IMAGE") or "ghcr.io/dptr-dev/dptr-activity:0.1.0",
+        default=env.get("DPTR_ACTIVITY_IMAGE") or ACTIVITY_IMAGE,
         help="image of SqlActivity and CopyActivity attempts: dptr-activity and its database drivers (a TaskRunner's "
         "activityImage wins); env DPTR_ACTIVITY_IMAGE",
     )
@@ -301,6 +308,13 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser.add_argument("--watch-client-timeout", type=float, default=330.0)
     parser.add_argument("--heartbeat-workers", type=int, default=int(env.get("DPTR_HEARTBEAT_WORKERS") or 16))
     parser.add_argument("--log-level", default=env.get("DPTR_LOG_LEVEL") or "INFO")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=env.get("DPTR_LOG_FORMAT") or "text",
+        help="text, or json: one object per line with taskrunner, pipeline, attempt and task "
+        "(docs/operator.md); the task pods' sidecars follow it; env DPTR_LOG_FORMAT",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     namespaces = args.namespaces if args.namespaces is not None else _env_list(env, "DPTR_NAMESPACES")
     values = {k: v for k, v in vars(args).items() if v is not None}

@@ -35,6 +35,7 @@ from dptr_common.bounds import check_object
 from dptr_common.datapipeline import DataPipelineError, TaskGone, Throttled, TransientError, call_with_retry
 from dptr_common.errors import TaskError, outcome_for_task_error
 from dptr_common.kube import ApiError, Conflict, NotFound, job_path, namespaced_path, pipelinetask_path
+from dptr_common.logformat import log_context
 from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, PipelineTask, PipelineTaskSpec
 from dptr_common.render import render_job
 from dptr_common.render_activity import activity_secret, secret_name
@@ -151,7 +152,16 @@ class Dispatcher:
         """Turn one PollForTask answer into a PipelineTask, an ack and a Job; ``release``
         (the poller's slot) is called once it is done, whatever happened."""
         try:
-            self._dispatch(worker, raw)
+            attempt = raw.get("attemptId")
+            with log_context(
+                taskrunner=f"{worker.namespace}/{worker.name}",
+                pipeline=str(raw.get("pipelineId") or "") or None,
+                attempt=str(attempt) if attempt else None,
+                task=naming.pipeline_task_name(str(raw.get("pipelineId") or ""), str(attempt))
+                if attempt and raw.get("pipelineId")
+                else None,
+            ):
+                self._dispatch(worker, raw)
         finally:
             if release is not None:
                 release()

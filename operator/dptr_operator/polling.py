@@ -38,6 +38,7 @@ from dptr_common.datapipeline import (
     TransientError,
 )
 from dptr_common.kube import ApiError, ApiUnavailable, NotFound, namespaced_path, taskrunner_path
+from dptr_common.logformat import log_context
 from dptr_common.models import TaskRunner
 from dptr_common.pacing import Backoff, HeartbeatPlan, heartbeat_interval, jittered
 from dptr_operator.events import task_runner_ref
@@ -354,6 +355,11 @@ class RunnerWorker:
     # ------------------------------------------------------------------ polling
 
     def _poll_loop(self, index: int) -> None:
+        # Every line this poller logs (and the dispatches it runs) names its TaskRunner.
+        with log_context(taskrunner=f"{self.namespace}/{self.name}"):
+            self._poll_forever(index)
+
+    def _poll_forever(self, index: int) -> None:
         backoff = Backoff(
             base=self.services.config.scaled(2.0) + 0.05, cap=max(self.services.config.scaled(60.0), 1.0)
         )

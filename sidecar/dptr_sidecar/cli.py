@@ -35,11 +35,21 @@ Configured through environment variables only; see docs/sidecar.md.
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("DPTR_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from dptr_common import logformat
+
+    # The pod's own attempt, on every line (the operator passes DPTR_LOG_FORMAT on).
+    logformat.configure(
+        os.environ.get("DPTR_LOG_LEVEL", "INFO"),
+        os.environ.get("DPTR_LOG_FORMAT", "text"),
+        static={
+            "taskrunner": f"{namespace}/{runner}"
+            if (namespace := os.environ.get("POD_NAMESPACE"))
+            and (runner := os.environ.get("DPTR_TASKRUNNER"))
+            else "",
+            "pipeline": os.environ.get("DPTR_PIPELINE_ID", ""),
+            "attempt": os.environ.get("DPTR_ATTEMPT_ID", ""),
+            "task": os.environ.get("DPTR_PIPELINETASK", ""),
+        },
     )
     # botocore logs credentials lookups and retries at INFO/DEBUG; keep it quiet.
     logging.getLogger("botocore").setLevel(logging.WARNING)

@@ -84,7 +84,17 @@ def sidecar_admission_policy() -> str:
 
     helm = binaries.Binaries(binaries.bin_dir()).helm
     return subprocess.run(
-        [str(helm), "template", "dptr", str(CHART), "--show-only", "templates/sidecar-admission-policy.yaml"],
+        [
+            str(helm),
+            "template",
+            "dptr",
+            str(CHART),
+            "--show-only",
+            "templates/sidecar-admission-policy.yaml",
+            # The chart's kubeVersion: helm template assumes 1.20 unless told the bed's.
+            "--kube-version",
+            binaries.KUBERNETES_VERSION,
+        ],
         check=True,
         capture_output=True,
         text=True,

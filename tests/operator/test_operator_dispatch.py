@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from typing import Any
+
 import pytest
-from op_helpers import Cluster, OperatorProcess
+from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.waiting import wait_for
@@ -89,3 +93,37 @@ def test_metrics_follow_the_dispatch(
         timeout=20,
         what="an operator heartbeat counted",
     )
+
+
+def test_json_logs_name_the_taskrunner_and_the_attempt(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator_factory: Callable[..., OperatorProcess]
+) -> None:
+    operator = operator_factory(*QUIET_GRACES, "--log-format", "json").start()
+    cluster.create_runner(datapipeline, "wg-json-logs")
+    pipeline = datapipeline.run_pipeline(
+        {"Echo": {"type": "ShellCommandActivity", "command": "true"}}, worker_group="wg-json-logs"
+    )
+    job = wait_for(cluster.jobs, timeout=20, what="a Job")[0]
+    attempt = next(iter(datapipeline.ledger.attempts.values())).attempt_id
+    sidecar = job["spec"]["template"]["spec"]["initContainers"][0]
+    assert {"name": "DPTR_LOG_FORMAT", "value": "json"} in sidecar["env"]  # the pods follow
+
+    def lines() -> list[dict[str, Any]]:
+        text = operator.logs()
+        # Only the port announcement (stdout, for the test bed) is not a log record.
+        raw = [
+            line
+            for line in text.splitlines()
+            if line.strip() and not line.startswith("dptr-operator: http port")
+        ]
+        return [json.loads(line) for line in raw]
+
+    about = wait_for(
+        lambda: [r for r in lines() if r.get("attempt") == attempt] or None,
+        timeout=20,
+        what="a log line about the attempt",
+    )
+    assert {"time", "level", "logger", "message"} <= set(about[0])
+    assert {r["pipeline"] for r in about} == {pipeline}
+    assert {r["taskrunner"] for r in about} == {f"{cluster.namespace}/runner"}
+    assert {r["task"] for r in about} == {job["metadata"]["name"]}
