@@ -20,6 +20,7 @@ and imported lazily, because the sidecar's idle memory budget is small.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -315,7 +316,10 @@ class DataPipelineClient:
         connect_timeout: float = CONNECT_TIMEOUT,
         max_pool_connections: int = 10,
         user_agent_extra: str = "dptr",
+        on_error: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_error(operation, reason)`` is told of every failed call, retried or not:
+        how the operator counts throttling that a retry then hides."""
         from botocore.config import Config
 
         self.region = region
@@ -337,6 +341,7 @@ class DataPipelineClient:
         self._client = self._make_client(read_timeout)
         self._poll_client: Any = None
         self._poll_client_lock = threading.Lock()
+        self._on_error = on_error
 
     def _make_client(self, read_timeout: float) -> Any:
         config = self._config_cls(read_timeout=read_timeout, **self._config_args)
@@ -349,7 +354,11 @@ class DataPipelineClient:
         try:
             response: dict[str, Any] = getattr(target, method)(**params)
         except Exception as exc:
-            raise classify_error(exc, operation) from exc
+            error = classify_error(exc, operation)
+            if self._on_error is not None:
+                with contextlib.suppress(Exception):  # a metric must not change the outcome
+                    self._on_error(operation, error.reason)
+            raise error from exc
         return response
 
     # ---- the calls --------------------------------------------------------

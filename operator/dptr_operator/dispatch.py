@@ -168,8 +168,7 @@ class Dispatcher:
 
     def _dispatch(self, worker: RunnerWorker, raw: Mapping[str, Any]) -> None:
         started = time.monotonic()
-        runner_label = f"{worker.namespace}/{worker.name}"
-        self.services.metrics.tasks_polled.labels(runner_label).inc()
+        self.services.metrics.tasks_polled.labels(worker.namespace, worker.name).inc()
         worker.counts.polled += 1
         try:
             task = parse_task(raw)
@@ -392,10 +391,9 @@ class Dispatcher:
         spec = worker.runner.spec
         scope = (worker.key, spec.endpoint_url, spec.region)
         found = self.log_uris.lookup(worker.client(), task.pipeline_id, scope)
-        runner_label = f"{worker.namespace}/{worker.name}"
         if not found.cached:
             result = "error" if found.problem else ("found" if found.uri else "none")
-            self.services.metrics.pipeline_log_uri_lookups.labels(runner_label, result).inc()
+            self.services.metrics.pipeline_log_uri_lookups.labels(worker.namespace, worker.name, result).inc()
         if found.problem:
             log.warning("%s/%s: %s", entry.namespace, entry.name, found.problem)
             self.services.events.emit(

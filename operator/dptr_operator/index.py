@@ -50,6 +50,8 @@ class TaskEntry:
     heartbeat_seen: float | None = None
     report_claimed_by: str | None = None
     reported: bool = False
+    #: What was reported to Data Pipeline (FINISHED, FAILED, FALSE), once it was.
+    reported_status: str | None = None
     canceled: bool = False
     report_progress_timeout: int | None = None
     finished_at: datetime | None = None
@@ -125,6 +127,7 @@ class TaskEntry:
             heartbeat_seen=time.monotonic() if heartbeat.get("lastAt") else None,
             report_claimed_by=report.get("claimedBy"),
             reported=bool(report.get("reportedAt")),
+            reported_status=report.get("status") if report.get("reportedAt") else None,
             canceled=bool(canceled.get("at")) or status.get("phase") == "Canceled",
             report_progress_timeout=spec.get("reportProgressTimeoutSeconds"),
             finished_at=parse_time(report.get("reportedAt") or canceled.get("at")),
@@ -152,6 +155,7 @@ class TaskEntry:
             "heartbeat_owner",
             "report_claimed_by",
             "reported",
+            "reported_status",
             "canceled",
             "finished_at",
             "uid",

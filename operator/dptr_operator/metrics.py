@@ -1,23 +1,123 @@
 """Prometheus metrics of the operator (served on ``/metrics`` by :mod:`dptr_operator.health`).
 
-Labels are bounded: the TaskRunner (``namespace/name``), the API operation, an outcome
-or an error reason; never a task id.
+Every name starts with ``dptr_``.  Labels are bounded: the TaskRunner as two labels
+(``taskrunner_namespace``, ``taskrunner``, so alerts can route by namespace), the API
+operation, a Data Pipeline status, a phase or an error reason; never a task or pipeline id.
+
+The per-TaskRunner state (ready, paused, capacity, tasks by phase, heartbeat age) is read
+at scrape time from :class:`RunnerSample` rows rather than kept in gauges, so a deleted
+TaskRunner's series disappear with it instead of freezing at their last value.
 """
 
 from __future__ import annotations
 
+import logging
+import platform
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+from dptr_common.version import VERSION
+
+__all__ = ["OUTCOME_STATUSES", "PHASES", "Metrics", "RunnerSample"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100)
+RUNNER_LABELS = ("taskrunner_namespace", "taskrunner")
+#: A PipelineTask's phases, each exported (0 included) so a panel never shows "no data".
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Canceled")
+#: ``dptr_task_outcomes_total``'s ``status``: what Data Pipeline was told (SetTaskStatus'
+#: taskStatus), or ``canceled`` when it canceled the task and nothing was reported.
+OUTCOME_STATUSES = ("FINISHED", "FAILED", "FALSE", "canceled")
+
+
+@dataclass(frozen=True)
+class RunnerSample:
+    """One TaskRunner's state at scrape time."""
+
+    namespace: str
+    name: str
+    ready: bool
+    paused: bool
+    capacity: int
+    active: int
+    heartbeat_interval: float
+    phases: dict[str, int] = field(default_factory=dict)
+    #: Seconds since the oldest heartbeat among its open tasks (0 with none).
+    oldest_heartbeat_age: float = 0.0
+    #: The largest heartbeat age over the task's own reportProgressTimeout (0 with none).
+    heartbeat_age_ratio: float = 0.0
+    #: Unix time of the last PollForTask that Data Pipeline answered (None: not yet).
+    last_successful_poll: float | None = None
+
+
+class _RunnerCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[RunnerSample]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = list(RUNNER_LABELS)
+        ready = GaugeMetricFamily("dptr_taskrunner_ready", "1 while the TaskRunner is Ready.", labels=labels)
+        paused = GaugeMetricFamily(
+            "dptr_taskrunner_paused", "1 while the TaskRunner has spec.paused.", labels=labels
+        )
+        capacity = GaugeMetricFamily(
+            "dptr_taskrunner_capacity", "The TaskRunner's maxConcurrentTasks.", labels=labels
+        )
+        active = GaugeMetricFamily("dptr_tasks_active", "PipelineTasks not yet finished.", labels=labels)
+        interval = GaugeMetricFamily(
+            "dptr_heartbeat_interval_seconds",
+            "The paced heartbeat interval published for each TaskRunner (protocol seconds).",
+            labels=labels,
+        )
+        phases = GaugeMetricFamily(
+            "dptr_tasks", "PipelineTasks this operator knows, by phase.", labels=[*labels, "phase"]
+        )
+        age = GaugeMetricFamily(
+            "dptr_oldest_heartbeat_age_seconds",
+            "Seconds since the oldest last heartbeat among the TaskRunner's open tasks.",
+            labels=labels,
+        )
+        ratio = GaugeMetricFamily(
+            "dptr_heartbeat_age_ratio",
+            "The largest heartbeat age among open tasks as a fraction of that task's"
+            " reportProgressTimeout (1 is when Data Pipeline gives the task up).",
+            labels=labels,
+        )
+        last_poll = GaugeMetricFamily(
+            "dptr_last_successful_poll_timestamp_seconds",
+            "Unix time of the TaskRunner's last PollForTask that Data Pipeline answered"
+            " (absent before the first).",
+            labels=labels,
+        )
+        try:
+            samples = list(self._source())
+        except Exception:  # a scrape must answer; the next one tries again
+            log.exception("reading the TaskRunners' state for /metrics failed")
+            samples = []
+        for s in samples:
+            values = [s.namespace, s.name]
+            ready.add_metric(values, 1.0 if s.ready else 0.0)
+            paused.add_metric(values, 1.0 if s.paused else 0.0)
+            capacity.add_metric(values, float(s.capacity))
+            active.add_metric(values, float(s.active))
+            interval.add_metric(values, s.heartbeat_interval)
+            age.add_metric(values, s.oldest_heartbeat_age)
+            ratio.add_metric(values, s.heartbeat_age_ratio)
+            if s.last_successful_poll is not None:
+                last_poll.add_metric(values, s.last_successful_poll)
+            for phase in PHASES:
+                phases.add_metric([*values, phase], float(s.phases.get(phase, 0)))
+        yield from (ready, paused, capacity, active, interval, phases, age, ratio, last_poll)
 
 
 class Metrics:
@@ -26,49 +126,63 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        labels = list(RUNNER_LABELS)
+        self.build_info = Gauge(
+            "dptr_build_info",
+            "Always 1; the labels say which dptr is running.",
+            ["version", "python_version"],
+            registry=r,
+        )
+        self.build_info.labels(VERSION, platform.python_version()).set(1)
         self.tasks_polled = Counter(
-            "dptr_tasks_polled_total", "Tasks received from PollForTask.", ["runner"], registry=r
+            "dptr_tasks_polled_total", "Tasks received from PollForTask.", labels, registry=r
         )
-        self.tasks_active = Gauge(
-            "dptr_tasks_active", "PipelineTasks not yet finished.", ["runner"], registry=r
-        )
-        self.tasks_finished = Counter(
-            "dptr_tasks_finished_total",
-            "Tasks that reached a final phase, by outcome (Succeeded, Failed, Canceled).",
-            ["runner", "outcome"],
+        self.task_outcomes = Counter(
+            "dptr_task_outcomes_total",
+            "Attempts that ended, by what Data Pipeline was told: FINISHED, FAILED, FALSE (a"
+            " precondition that did not hold), or canceled (Data Pipeline canceled it).",
+            [*labels, "status"],
             registry=r,
         )
         self.pipeline_log_uri_lookups = Counter(
             "dptr_pipeline_log_uri_lookups_total",
             "DescribeObjects calls for a pipeline's Default.pipelineLogUri (attempts without one),"
             " by result (found, none, error); error means that attempt's logs are not uploaded.",
-            ["runner", "result"],
+            [*labels, "result"],
             registry=r,
         )
         self.fallback_reports = Counter(
             "dptr_operator_reports_total",
-            "SetTaskStatus calls made by the operator (fallback outcomes), by errorId.",
-            ["runner", "error_id"],
+            "SetTaskStatus calls made by the operator (fallback outcomes: a pod that ended"
+            " without a report, evictions, OOM kills, image pulls), by errorId.",
+            [*labels, "error_id"],
             registry=r,
         )
         self.poll_duration = Histogram(
             "dptr_poll_duration_seconds",
-            "PollForTask call duration (long polls included).",
-            ["runner", "result"],
+            "PollForTask call duration (long polls included), by result (task, empty, error).",
+            [*labels, "result"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.api_duration = Histogram(
             "dptr_api_call_duration_seconds",
-            "Data Pipeline and Kubernetes call duration by operation.",
+            "Data Pipeline and Kubernetes call duration by operation (retries included).",
             ["operation"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.api_errors = Counter(
             "dptr_api_call_errors_total",
-            "Failed Data Pipeline and Kubernetes calls by operation and reason.",
+            "Data Pipeline and Kubernetes calls that failed after their retries, by operation and reason.",
             ["operation", "reason"],
+            registry=r,
+        )
+        self.api_throttled = Counter(
+            "dptr_api_throttled_total",
+            "Data Pipeline answers that were throttling errors, by operation; each try counts,"
+            " also when a retry then succeeds.",
+            ["operation"],
             registry=r,
         )
         self.heartbeat_lag = Histogram(
@@ -83,12 +197,6 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.heartbeat_interval = Gauge(
-            "dptr_heartbeat_interval_seconds",
-            "The paced heartbeat interval published for each TaskRunner (protocol seconds).",
-            ["runner"],
-            registry=r,
-        )
         self.dispatch_duration = Histogram(
             "dptr_dispatch_duration_seconds",
             "From PollForTask returning a task to its Job being created.",
@@ -96,11 +204,29 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("dptr_leader", "1 while this replica holds the leader Lease.", registry=r)
+        self.leader_transitions = Counter(
+            "dptr_leader_transitions_total",
+            "Times this replica became leader (acquired) or stopped being it (lost).",
+            ["transition"],
+            registry=r,
+        )
+        for transition in ("acquired", "lost"):
+            self.leader_transitions.labels(transition)
         self.status_writes_pending = Gauge(
             "dptr_status_writes_pending",
             "PipelineTasks with a heartbeat record queued for the API server (grows when it lags).",
             registry=r,
         )
+        self._runner_lock = threading.Lock()
+        self._runner_collector: _RunnerCollector | None = None
+
+    def runner_state(self, source: Callable[[], Iterable[RunnerSample]]) -> None:
+        """Export each TaskRunner's state from ``source`` at every scrape (one source)."""
+        with self._runner_lock:
+            if self._runner_collector is not None:
+                self.registry.unregister(self._runner_collector)
+            self._runner_collector = _RunnerCollector(source)
+            self.registry.register(self._runner_collector)
 
     @contextmanager
     def timed(self, operation: str) -> Iterator[None]:
@@ -118,3 +244,8 @@ class Metrics:
     def call(self, operation: str, fn: Callable[[], T]) -> T:
         with self.timed(operation):
             return fn()
+
+    def attempt_failed(self, operation: str, reason: str) -> None:
+        """One Data Pipeline try failed (the client's hook): count throttling at once."""
+        if reason == "Throttled":
+            self.api_throttled.labels(operation).inc()

@@ -264,7 +264,12 @@ class RunnerWorker:
                     timer.daemon = True
                     timer.start()
                 self._client = DataPipelineClient(
-                    spec.region, spec.endpoint_url, creds, role=self._role(), max_pool_connections=32
+                    spec.region,
+                    spec.endpoint_url,
+                    creds,
+                    role=self._role(),
+                    max_pool_connections=32,
+                    on_error=self.services.metrics.attempt_failed,
                 )
                 self._client_key = key
             self._client_built = time.monotonic()
@@ -422,7 +427,7 @@ class RunnerWorker:
             result = "task" if task else "empty"
             return task
         finally:
-            self.services.metrics.poll_duration.labels(f"{self.namespace}/{self.name}", result).observe(
+            self.services.metrics.poll_duration.labels(self.namespace, self.name, result).observe(
                 time.monotonic() - start
             )
             if result != "error":

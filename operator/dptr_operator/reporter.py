@@ -27,6 +27,16 @@ __all__ = ["Reporter"]
 log = logging.getLogger(__name__)
 
 
+def outcome_status(phase: str, reported: str | None) -> str:
+    """``dptr_task_outcomes_total``'s status: the reported SetTaskStatus taskStatus, else
+    ``canceled`` for a canceled attempt, else what the final phase implies."""
+    if phase == "Canceled":
+        return "canceled"
+    if reported in ("FINISHED", "FAILED", "FALSE"):
+        return reported
+    return "FINISHED" if phase == "Succeeded" else "FAILED"
+
+
 class Reporter:
     def __init__(self, services: Services, runners: Runners) -> None:
         self.services = services
@@ -46,13 +56,15 @@ class Reporter:
         finally:
             entry.busy = False
 
-    def task_finished(self, entry: TaskEntry, phase: str) -> None:
-        """Count a task's end once (whoever observed it first)."""
+    def task_finished(self, entry: TaskEntry, phase: str, status: str | None = None) -> None:
+        """Count a task's end once (whoever observed it first).  ``status`` is what Data
+        Pipeline was told, when the caller knows it better than the entry."""
         if entry.counted:
             return
         entry.counted = True
-        runner_label = f"{entry.namespace}/{entry.runner}"
-        self.services.metrics.tasks_finished.labels(runner_label, phase).inc()
+        self.services.metrics.task_outcomes.labels(
+            entry.namespace, entry.runner, outcome_status(phase, status or entry.reported_status)
+        ).inc()
         worker = self.runners.worker_for(entry)
         if worker is not None:
             if phase == "Succeeded":
@@ -253,7 +265,7 @@ class Reporter:
             ref, "Reported", f"the operator reported {message}", "Warning" if phase == "Failed" else "Normal"
         )
         self.services.metrics.fallback_reports.labels(
-            f"{entry.namespace}/{entry.runner}", claim.error_id or claim.status
+            entry.namespace, entry.runner, claim.error_id or claim.status
         ).inc()
-        self.task_finished(entry, phase)
+        self.task_finished(entry, phase, claim.status)
         return True

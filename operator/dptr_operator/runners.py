@@ -4,10 +4,14 @@ each task gets from its runner's plan, and which runners' statuses are due a wri
 from __future__ import annotations
 
 import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
 
 from dptr_common.models import TaskRunner
 from dptr_common.pacing import HeartbeatPlan, heartbeat_interval
 from dptr_operator.index import TaskEntry, TaskKey
+from dptr_operator.metrics import RunnerSample
 from dptr_operator.polling import Dispatch, RunnerWorker
 from dptr_operator.services import Services
 
@@ -93,13 +97,57 @@ class Runners:
                 return True
             return False
 
+    # ------------------------------------------------------------------ metrics
+
+    def samples(self) -> list[RunnerSample]:
+        """Each TaskRunner's state for /metrics (read at scrape time)."""
+        index = self.services.index
+        config = self.services.config
+        mono, wall = time.monotonic(), datetime.now(UTC)
+        rows = []
+        for worker in self.all():
+            entries = index.for_runner(worker.key)
+            oldest, ratio = 0.0, 0.0
+            for entry in entries:
+                if entry.terminal:
+                    continue
+                if entry.heartbeat_seen is not None:
+                    age = mono - entry.heartbeat_seen
+                elif entry.created_at is not None:
+                    age = (wall - entry.created_at).total_seconds()  # polled, never acknowledged
+                else:
+                    continue
+                # The operator's clock runs --time-scale times faster than the protocol's:
+                # the gauge is in protocol seconds, like reportProgressTimeout.
+                age = max(age, 0.0) / config.time_scale
+                oldest = max(oldest, age)
+                if entry.report_progress_timeout:
+                    ratio = max(ratio, age / entry.report_progress_timeout)
+            status = worker.desired_status()
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
+            last = worker.last_poll_time
+            rows.append(
+                RunnerSample(
+                    namespace=worker.namespace,
+                    name=worker.name,
+                    ready=ready,
+                    paused=bool(worker.spec.paused),
+                    capacity=int(worker.spec.max_concurrent_tasks),
+                    active=int(status["active"]),
+                    heartbeat_interval=float(worker.plan.interval_seconds),
+                    phases=dict(Counter(e.phase for e in entries)),
+                    oldest_heartbeat_age=oldest,
+                    heartbeat_age_ratio=ratio,
+                    last_successful_poll=last.timestamp() if last is not None else None,
+                )
+            )
+        return rows
+
     # ------------------------------------------------------------------ the sweep
 
     def sweep(self) -> list[RunnerWorker]:
-        """Re-plan each runner's heartbeats, export its gauges, and write the statuses
-        that are due (a changed plan, a request, or a poll time to show); returns the
-        workers swept."""
-        metrics = self.services.metrics
+        """Re-plan each runner's heartbeats and write the statuses that are due (a changed
+        plan, a request, or a poll time to show); returns the workers swept."""
         workers = self.all()
         for worker in workers:
             plan = self.plan(worker)
@@ -110,9 +158,6 @@ class Runners:
                 self.request_status(worker)
             worker.plan = plan
             worker.health.budget_message = None if plan.budget_met else plan.message
-            label = f"{worker.namespace}/{worker.name}"
-            metrics.heartbeat_interval.labels(label).set(plan.interval_seconds)
-            metrics.tasks_active.labels(label).set(worker.active())
             if self.take_status_request(worker.key) or worker.last_poll_time is not None:
                 self.services.work.submit(worker.publish_status, key=("runner-status", worker.key))
         return workers

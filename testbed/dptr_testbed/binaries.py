@@ -25,6 +25,10 @@ KUBERNETES_VERSION = "v1.34.4"
 # etcd 3.6 is the series Kubernetes 1.34 is tested with.
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+# The GitHub Actions workflow linter (tests/unit/test_workflows.py). It is not part of
+# bin_dir()'s key, so bumping it does not rebuild Kubernetes: ensure() rebuilds it when
+# the cached binary reports another version.
+ACTIONLINT_VERSION = "v1.7.12"
 
 CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 NODE = ("kubelet", "kube-proxy")
@@ -62,6 +66,10 @@ class Binaries:
     @property
     def helm(self) -> Path:
         return self.path("helm")
+
+    @property
+    def actionlint(self) -> Path:
+        return self.path("actionlint")
 
 
 def cache_dir() -> Path:
@@ -211,6 +219,40 @@ def _build_helm(out: Path, env: dict[str, str]) -> None:
         )
 
 
+def _build_actionlint(out: Path, env: dict[str, str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="dptr-actionlint-build-") as tmp:
+        work = Path(tmp)
+        benv = dict(env, GOBIN=str(out))
+        # The variable upstream's release builds set (to the version without its "v").
+        ldflags = f"-s -w -X github.com/rhysd/actionlint.version={ACTIONLINT_VERSION.removeprefix('v')}"
+        _run(
+            [
+                _go(),
+                "install",
+                "-trimpath",
+                "-ldflags",
+                ldflags,
+                f"github.com/rhysd/actionlint/cmd/actionlint@{ACTIONLINT_VERSION}",
+            ],
+            work,
+            benv,
+        )
+
+
+def actionlint_is_current(path: Path) -> bool:
+    """Whether ``path`` is an actionlint of the pinned version (``-version``'s first line)."""
+    if not path.exists():
+        return False
+    try:
+        proc = subprocess.run(
+            [str(path), "-version"], capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    lines = proc.stdout.splitlines()
+    return proc.returncode == 0 and bool(lines) and lines[0].strip() == ACTIONLINT_VERSION.removeprefix("v")
+
+
 def ensure(node: bool = False) -> Binaries:
     """Return the cached binaries, building whatever is missing."""
     out = bin_dir()
@@ -231,6 +273,10 @@ def ensure(node: bool = False) -> Binaries:
     if not (out / "helm").exists():
         _log(f"building helm {HELM_VERSION}")
         _build_helm(out, env)
+        built = True
+    if not actionlint_is_current(out / "actionlint"):
+        _log(f"building actionlint {ACTIONLINT_VERSION}")
+        _build_actionlint(out, env)
         built = True
     if built:
         _log(f"binaries ready in {out} after {time.monotonic() - started:.0f}s")

@@ -22,6 +22,7 @@ from dptr_common.datapipeline import (
     call_with_retry,
 )
 from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, REGION, LocalDataPipeline
+from dptr_operator.metrics import Metrics
 from dptr_testbed.waiting import wait_for
 
 CREDS = StaticCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY)
@@ -176,6 +177,46 @@ def test_forced_throttle_retried_until_success(svc: LocalDataPipeline, dp: DataP
     assert statuses[-1] is None
     dp.set_task_status(task["taskId"], "FINISHED")
     svc.assert_clean()
+
+
+def test_throttles_a_retry_hides_are_counted(svc: LocalDataPipeline) -> None:
+    """The operator's dptr_api_throttled_total counts each throttled try through the
+    client's on_error hook, also when the retry then succeeds (the call's own error count
+    stays 0)."""
+    metrics = Metrics()
+    client = DataPipelineClient(
+        REGION, endpoint_url=svc.endpoint_url, credentials=CREDS, on_error=metrics.attempt_failed
+    )
+    try:
+        task = start_task(svc, client)
+        svc.set_fault("ReportTaskProgress", throttle=True)
+        retries: list[BaseException] = []
+
+        def on_retry(exc: BaseException, _delay: float) -> None:
+            retries.append(exc)
+            if len(retries) == 3:
+                svc.set_fault("ReportTaskProgress")  # the fourth try goes through
+
+        with metrics.timed("ReportTaskProgress"):
+            call_with_retry(
+                lambda: client.report_task_progress(task["taskId"]),
+                deadline=time.monotonic() + 15,
+                base=0.01,
+                cap=0.05,
+                on_retry=on_retry,
+            )
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+        }
+        assert samples[("dptr_api_throttled_total", (("operation", "ReportTaskProgress"),))] == 3
+        errors = [k for k in samples if k[0] == "dptr_api_call_errors_total"]
+        assert not errors, errors
+        client.set_task_status(task["taskId"], "FINISHED")
+        svc.assert_clean()
+    finally:
+        client.close()
 
 
 def test_account_quota_throttles_and_retry_recovers() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from op_helpers import QUIET_GRACES, Cluster, OperatorProcess
 
+from dptr_common.version import VERSION
 from dptr_datapipeline import LocalDataPipeline
 from dptr_testbed.waiting import wait_for
 
@@ -63,11 +65,12 @@ def test_metrics_follow_the_dispatch(
     cluster: Cluster, datapipeline: LocalDataPipeline, operator: OperatorProcess
 ) -> None:
     cluster.create_runner(datapipeline, "wg-metrics")
-    datapipeline.run_pipeline(
+    pipeline = datapipeline.run_pipeline(
         {"Echo": {"type": "ShellCommandActivity", "command": "true"}}, worker_group="wg-metrics"
     )
     wait_for(cluster.jobs, timeout=20, what="a Job")
-    runner = f'runner="{cluster.namespace}/runner"'
+    # prometheus_client writes labels in name order.
+    runner = f'taskrunner="runner",taskrunner_namespace="{cluster.namespace}"'
     # The Job exists a moment before its dispatch is timed: wait for both counts.
     samples = wait_for(
         lambda: (
@@ -79,20 +82,37 @@ def test_metrics_follow_the_dispatch(
         what="the polled task counted and its dispatch timed",
     )
     assert samples["dptr_leader"] == 1
+    assert samples['dptr_leader_transitions_total{transition="acquired"}'] == 1
     assert samples['dptr_api_call_duration_seconds_count{operation="CreateJob"}'] >= 1
     assert samples["dptr_status_writes_pending"] >= 0
-    # The sweep publishes the gauges (every 0.1 s at this time scale).
-    active = wait_for(
-        lambda: operator.metrics().get(f"dptr_tasks_active{{{runner}}}") == 1,
-        timeout=20,
-        what="dptr_tasks_active 1",
-    )
-    assert active
+    version = next(k for k in samples if k.startswith("dptr_build_info{"))
+    assert f'version="{VERSION}"' in version and samples[version] == 1
+    # The TaskRunner's state is read at each scrape.
+    assert samples[f"dptr_taskrunner_ready{{{runner}}}"] == 1
+    assert samples[f"dptr_taskrunner_paused{{{runner}}}"] == 0
+    assert samples[f"dptr_taskrunner_capacity{{{runner}}}"] == 10  # the CRD default
+    assert samples[f"dptr_tasks_active{{{runner}}}"] == 1
+    assert samples[f'dptr_tasks{{phase="Failed",{runner}}}'] == 0
+    assert abs(samples[f"dptr_last_successful_poll_timestamp_seconds{{{runner}}}"] - time.time()) < 60
+    assert 0 <= samples[f"dptr_heartbeat_age_ratio{{{runner}}}"] < 1
     wait_for(
         lambda: operator.metrics().get('dptr_operator_heartbeats_total{result="ok"}', 0) >= 1,
         timeout=20,
         what="an operator heartbeat counted",
     )
+    # The Job's pod never runs here (no kubelet): the cancel ends it, counted as canceled.
+    datapipeline.client().deactivate_pipeline(pipelineId=pipeline, cancelActive=True)
+    done = wait_for(
+        lambda: (
+            (m := operator.metrics()).get(f'dptr_task_outcomes_total{{status="canceled",{runner}}}') == 1
+            and m
+        ),
+        timeout=30,
+        what="the canceled attempt counted",
+    )
+    assert done[f"dptr_tasks_active{{{runner}}}"] == 0
+    assert done[f'dptr_tasks{{phase="Canceled",{runner}}}'] == 1
+    assert f'dptr_task_outcomes_total{{status="FAILED",{runner}}}' not in done
 
 
 def test_json_logs_name_the_taskrunner_and_the_attempt(
