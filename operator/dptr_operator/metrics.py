@@ -11,6 +11,7 @@ TaskRunner's series disappear with it instead of freezing at their last value.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import threading
@@ -54,7 +55,7 @@ class RunnerSample:
     phases: dict[str, int] = field(default_factory=dict)
     #: Seconds since the oldest heartbeat among its open tasks (0 with none).
     oldest_heartbeat_age: float = 0.0
-    #: The largest heartbeat age over the task's own reportProgressTimeout (0 with none).
+    #: The largest heartbeat age over its task's reportProgressTimeout (15 min unset; 0 with none).
     heartbeat_age_ratio: float = 0.0
     #: Unix time of the last PollForTask that Data Pipeline answered (None: not yet).
     last_successful_poll: float | None = None
@@ -219,6 +220,22 @@ class Metrics:
         )
         self._runner_lock = threading.Lock()
         self._runner_collector: _RunnerCollector | None = None
+
+    def runner_added(self, namespace: str, name: str) -> None:
+        """Start a TaskRunner's counters at 0, so the first poll and outcome show as an
+        increase (a labelled counter otherwise appears on its first inc, at 1)."""
+        self.tasks_polled.labels(namespace, name)
+        for status in OUTCOME_STATUSES:
+            self.task_outcomes.labels(namespace, name, status)
+
+    def runner_removed(self, namespace: str, name: str) -> None:
+        """Drop a deleted TaskRunner's pre-made series (those with other labels stay:
+        they are counters, and their labels cannot be listed through the client's API)."""
+        with contextlib.suppress(KeyError):
+            self.tasks_polled.remove(namespace, name)
+        for status in OUTCOME_STATUSES:
+            with contextlib.suppress(KeyError):
+                self.task_outcomes.remove(namespace, name, status)
 
     def runner_state(self, source: Callable[[], Iterable[RunnerSample]]) -> None:
         """Export each TaskRunner's state from ``source`` at every scrape (one source)."""

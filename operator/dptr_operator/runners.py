@@ -9,7 +9,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from dptr_common.models import TaskRunner
-from dptr_common.pacing import HeartbeatPlan, heartbeat_interval
+from dptr_common.pacing import DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS, HeartbeatPlan, heartbeat_interval
 from dptr_operator.index import TaskEntry, TaskKey
 from dptr_operator.metrics import RunnerSample
 from dptr_operator.polling import Dispatch, RunnerWorker
@@ -50,13 +50,17 @@ class Runners:
             worker = self._workers[key] = RunnerWorker(
                 self.services, runner, dispatch=self._dispatch, request_status=self.request_status
             )
+        self.services.metrics.runner_added(*key)
         worker.plan = self.plan(worker)
         self.request_status(worker)
         return worker, True
 
     def remove(self, key: TaskKey) -> RunnerWorker | None:
         with self._lock:
-            return self._workers.pop(key, None)
+            worker = self._workers.pop(key, None)
+        if worker is not None:
+            self.services.metrics.runner_removed(*key)
+        return worker
 
     def stop_all(self) -> None:
         for worker in self.all():
@@ -121,8 +125,8 @@ class Runners:
                 # the gauge is in protocol seconds, like reportProgressTimeout.
                 age = max(age, 0.0) / config.time_scale
                 oldest = max(oldest, age)
-                if entry.report_progress_timeout:
-                    ratio = max(ratio, age / entry.report_progress_timeout)
+                timeout = entry.report_progress_timeout or DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS
+                ratio = max(ratio, age / timeout)
             status = worker.desired_status()
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
             last = worker.last_poll_time

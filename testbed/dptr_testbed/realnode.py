@@ -66,6 +66,10 @@ PACKAGES = {
     # pg_ctlcluster (postgresql-common, which every server version depends on) stands for them.
     "pg_ctlcluster": "postgresql",
     "mariadbd": "mariadb-server",
+    # Not the node's: the Prometheus and promtool the alert and dashboard tests run
+    # (dptr_testbed.prometheus).
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
 }
 CNI_PACKAGE = "containernetworking-plugins"
 CGROUP_V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer")

@@ -106,3 +106,15 @@ def test_outcomes_are_what_data_pipeline_was_told() -> None:
     # A claim made but its status not yet read back: the phase says which.
     assert outcome_status("Succeeded", None) == "FINISHED"
     assert outcome_status("Failed", None) == "FAILED"
+
+
+def test_a_taskrunners_counters_start_at_zero_and_go_with_it() -> None:
+    metrics = Metrics()
+    metrics.runner_added("team-a", "etl")
+    got = _samples(metrics)
+    assert got[("dptr_tasks_polled_total", TR)] == 0
+    for status in ("FINISHED", "FAILED", "FALSE", "canceled"):
+        assert got[("dptr_task_outcomes_total", (("status", status), *TR))] == 0
+    metrics.runner_removed("team-a", "etl")
+    metrics.runner_removed("team-a", "etl")  # twice: no error
+    assert not [k for k in _samples(metrics) if TR[0] in k[1]]
