@@ -12,7 +12,10 @@ Configuration, chosen by :meth:`KubeClient.from_env`:
   changes on disk (projected tokens rotate) and after a 401;
 * otherwise the kubeconfig at ``$KUBECONFIG`` (the first of a ``:``-separated list) or
   ``~/.kube/config``: its current context's server, CA (file or data), client certificate
-  and key (files or data) or token (or tokenFile).  JSON always works; YAML only when
+  and key (files or data) or token (or tokenFile), or an ``exec`` credential plugin such as
+  ``aws eks get-token`` (:mod:`dptr_common.execcred`: its credential is cached until its
+  ``expirationTimestamp`` and fetched again after a 401; as in client-go, a token or client
+  certificate in the same user wins over ``exec``).  JSON always works; YAML only when
   PyYAML is importable.
 
 Every call has a timeout; connections are kept alive, one per thread (a stream, such as
@@ -31,7 +34,6 @@ import json
 import os
 import socket
 import ssl
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -41,6 +43,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from dptr_common.execcred import (
+    ExecConfig,
+    ExecCredential,
+    ExecCredentialPlugin,
+    ExecPluginError,
+    exec_cluster_info,
+    load_cert_chain_data,
+)
+
 __all__ = [
     "API_GROUP",
     "API_VERSION",
@@ -49,6 +60,8 @@ __all__ = [
     "ApiError",
     "ApiUnavailable",
     "Conflict",
+    "Credentials",
+    "CredentialsUnavailable",
     "Forbidden",
     "Invalid",
     "KubeClient",
@@ -116,6 +129,13 @@ class Invalid(ApiError):  # noqa: N818
 
 class ApiUnavailable(ApiError):  # noqa: N818
     """No HTTP answer at all: refused, reset, TLS failure or timeout (``status`` 0)."""
+
+
+class CredentialsUnavailable(ApiUnavailable):
+    """No request was sent: the kubeconfig's exec credential plugin gave no usable
+    credential (``reason`` ``ExecPluginFailed``; the message names the command and its
+    installHint).  An :class:`ApiUnavailable`, so callers wait and retry as when the API
+    server does not answer."""
 
 
 _ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
@@ -215,6 +235,23 @@ class _TokenFile:
             return self._token
 
 
+@dataclass(frozen=True, eq=False)
+class Credentials:
+    """What to authenticate one request with (:meth:`KubeConfig.credentials`).  A bearer
+    token and/or a client certificate (files, or data from an exec plugin)."""
+
+    token: str | None = field(default=None, repr=False)
+    cert_file: str | None = None
+    key_file: str | None = None
+    cert_data: bytes | None = field(default=None, repr=False)
+    key_data: bytes | None = field(default=None, repr=False)
+    #: When they stop being valid (an exec plugin's expirationTimestamp); None: not known.
+    expiration: datetime | None = None
+    #: A token file or an exec plugin: after a 401, fresh ones may be accepted.
+    refreshable: bool = False
+    exec_credential: ExecCredential | None = field(default=None, repr=False)
+
+
 @dataclass
 class KubeConfig:
     """Where the API server is and how to authenticate to it."""
@@ -230,32 +267,67 @@ class KubeConfig:
     key_data: bytes | None = None
     token: str | None = None
     token_file: str | None = None
+    #: A kubeconfig ``exec`` credential plugin (used only without a token or certificate).
+    exec_config: ExecConfig | None = None
     source: str = ""
     _token_source: _TokenFile | None = field(default=None, repr=False)
+    _exec: ExecCredentialPlugin | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.exec_config is not None:
+            self._exec = ExecCredentialPlugin(self.exec_config)
+
+    @property
+    def exec_plugin(self) -> ExecCredentialPlugin | None:
+        """The exec credential plugin runner, when the kubeconfig's user has one."""
+        return self._exec
+
+    def credentials(self, *, stale: Credentials | None = None) -> Credentials:
+        """The credentials to send now.  ``stale``: ones the API server refused (a 401) or
+        that expired; then a token file is re-read and an exec plugin run again (unless
+        another thread already replaced them).  Raises :class:`ExecPluginError` when an
+        exec plugin gives none."""
+        if self._exec is not None:
+            cred = self._exec.get() if stale is None else self._exec.refresh(stale.exec_credential)
+            return Credentials(
+                token=cred.token,
+                cert_data=cred.client_certificate_data,
+                key_data=cred.client_key_data,
+                expiration=cred.expiration,
+                refreshable=True,
+                exec_credential=cred,
+            )
+        return Credentials(
+            token=self.bearer_token(force=stale is not None),
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+            cert_data=self.cert_data,
+            key_data=self.key_data,
+            refreshable=bool(self.token_file),
+        )
 
     def bearer_token(self, force: bool = False) -> str | None:
+        if self._exec is not None:
+            return (self._exec.refresh(self._exec.cached) if force else self._exec.get()).token
         if self.token_file:
             if self._token_source is None:
                 self._token_source = _TokenFile(Path(self.token_file))
             return self._token_source.get(force) or self.token
         return self.token
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, client_cert: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
+        """The TLS context: the CA, and the client certificate (``client_cert``, PEM
+        certificate and key data from an exec plugin, else the kubeconfig's)."""
         context = ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
         if self.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        if self.cert_file and self.key_file:
+        if client_cert is not None:
+            load_cert_chain_data(context, *client_cert)
+        elif self.cert_file and self.key_file:
             context.load_cert_chain(self.cert_file, self.key_file)
         elif self.cert_data and self.key_data:
-            # ssl only loads certificates from files: write them to private temporary ones.
-            with tempfile.TemporaryDirectory(prefix="dptr-kube-") as tmp:
-                cert, key = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-                for path, data in ((cert, self.cert_data), (key, self.key_data)):
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(data)
-                context.load_cert_chain(str(cert), str(key))
+            load_cert_chain_data(context, self.cert_data, self.key_data)
         return context
 
     # ---- loaders ----------------------------------------------------------
@@ -313,6 +385,26 @@ class KubeConfig:
         ca_data = data_of(cluster.get("certificate-authority-data"))
         if not cluster.get("server"):
             raise RuntimeError(f"{path}: cluster {ctx.get('cluster')!r} has no server")
+        exec_config = None
+        static = ("token", "tokenFile", "client-certificate", "client-certificate-data")
+        if user.get("exec") and not any(user.get(k) for k in static):
+            cluster_info = None
+            if isinstance(user["exec"], Mapping) and user["exec"].get("provideClusterInfo"):
+                ca_pem = ca_data
+                if ca_pem is None and cluster.get("certificate-authority"):
+                    ca_path = str(file_of(cluster["certificate-authority"]))
+                    try:
+                        ca_pem = Path(ca_path).read_bytes()
+                    except OSError as exc:
+                        raise ExecPluginError(
+                            f"{path}: cannot read the CA bundle {ca_path} for the exec plugin: {exc}"
+                        ) from exc
+                cluster_info = exec_cluster_info(
+                    cluster, ca_pem=ca_pem, extensions_of=str(ctx.get("cluster"))
+                )
+            exec_config = ExecConfig.parse(
+                user["exec"], base_dir=base, cluster=cluster_info, source=str(path), user=str(ctx.get("user"))
+            )
         return cls(
             server=str(cluster["server"]).rstrip("/"),
             namespace=ctx.get("namespace") or "default",
@@ -325,6 +417,7 @@ class KubeConfig:
             key_data=data_of(user.get("client-key-data")),
             token=user.get("token") or None,
             token_file=file_of(user.get("tokenFile")),
+            exec_config=exec_config,
             source=str(path),
         )
 
@@ -380,6 +473,11 @@ class KubeClient:
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self._prefix = parsed.path.rstrip("/")
         self._ssl = config.ssl_context() if parsed.scheme == "https" else None
+        # An exec plugin's client certificate: the context is rebuilt when it changes, and
+        # each thread's kept-alive connection, made with the previous one, is replaced.
+        self._ssl_cert: tuple[bytes, bytes] | None = None
+        self._ssl_generation = 0
+        self._ssl_lock = threading.Lock()
         self._local = threading.local()
         #: Monotonic time since which no call got an answer (None: the last call did).
         #: The operator polls Data Pipeline only while it can record what it polls.
@@ -415,13 +513,18 @@ class KubeClient:
 
     def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "generation", 0) != self._ssl_generation:
+            self._drop_connection()  # made with a client certificate since rotated
+            conn = None
         if conn is not None:
             if conn.sock is not None:
                 conn.sock.settimeout(timeout)
             conn.timeout = timeout
             return conn, True
+        generation = self._ssl_generation
         conn = self._new_connection(timeout)
         self._local.conn = conn
+        self._local.generation = generation
         return conn, False
 
     def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -455,19 +558,19 @@ class KubeClient:
         """One API call; the decoded JSON answer (or bytes with ``raw=True``).
 
         Raises :class:`ApiError` subclasses for error statuses and :class:`ApiUnavailable`
-        when no answer came.  A request that fails on a kept-alive connection the server
-        had closed is retried once on a new connection; a 401 with a token file re-reads
-        the token and retries once.
+        when no answer came (:class:`CredentialsUnavailable` when an exec credential plugin
+        gave none).  A request that fails on a kept-alive connection the server had closed
+        is retried once on a new connection; a 401 with a token file or an exec plugin
+        re-reads the token (runs the plugin again) and retries once.
         """
         url = self._url(path, query)
         payload = None if body is None else json.dumps(body).encode()
         limit = self.timeout if timeout is None else timeout
-        token_refreshed = False
+        creds = self._credentials()
+        auth_retry_done = False
         stale_retry_done = False
         while True:
-            headers = self._headers(
-                accept, content_type if payload is not None else None, refresh_token=token_refreshed
-            )
+            headers = self._headers(accept, content_type if payload is not None else None, creds)
             conn, reused = self._connection(limit)
             try:
                 conn.request(method, url, body=payload, headers=headers)
@@ -492,8 +595,9 @@ class KubeClient:
             if response.will_close:
                 self._drop_connection()
             status = response.status
-            if self._retry_with_new_token(status, token_refreshed):
-                token_refreshed = True
+            if status == 401 and creds.refreshable and not auth_retry_done:
+                auth_retry_done = True
+                creds = self._credentials(stale=creds)
                 continue
             if status >= 400:
                 raise self._error(status, data, method, path)
@@ -511,23 +615,29 @@ class KubeClient:
         it with :func:`close_stream`, which also ends a read blocked in another thread.
 
         Raises like :meth:`request` for error statuses, and :class:`ApiUnavailable` when no
-        answer came; a 401 with a token file re-reads the token and retries once.
+        answer came; a 401 with a token file or an exec plugin gets fresh credentials and
+        retries once.
         """
         url = self._url(path, query)
-        conn = self._new_connection(self.timeout if timeout is None else timeout)
-        token_refreshed = False
+        limit = self.timeout if timeout is None else timeout
+        creds = self._credentials()
+        conn = self._new_connection(limit)
+        auth_retry_done = False
         while True:
             try:
-                conn.request("GET", url, headers=self._headers("*/*", refresh_token=token_refreshed))
+                conn.request("GET", url, headers=self._headers("*/*", None, creds))
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 self._unreachable()
                 raise ApiUnavailable(0, "ConnectionError", f"GET {path}: {exc!r}") from exc
             self.unreachable_since = None
-            if self._retry_with_new_token(response.status, token_refreshed):
+            if response.status == 401 and creds.refreshable and not auth_retry_done:
                 response.read()
-                token_refreshed = True
+                conn.close()
+                auth_retry_done = True
+                creds = self._credentials(stale=creds)
+                conn = self._new_connection(limit)  # with a rotated client certificate, if any
                 continue
             if response.status >= 400:
                 data = response.read(64 * 1024)
@@ -542,20 +652,31 @@ class KubeClient:
             url += "?" + urllib.parse.urlencode({k: v for k, v in pairs.items() if v is not None})
         return url
 
-    def _headers(
-        self, accept: str, content_type: str | None = None, *, refresh_token: bool
-    ) -> dict[str, str]:
+    def _headers(self, accept: str, content_type: str | None, creds: Credentials) -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": self.user_agent}
         if content_type is not None:
             headers["Content-Type"] = content_type
-        token = self.config.bearer_token(force=refresh_token)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if creds.token:
+            headers["Authorization"] = f"Bearer {creds.token}"
         return headers
 
-    def _retry_with_new_token(self, status: int, refreshed: bool) -> bool:
-        """A 401 with a token file: re-read the token (it may have rotated) and retry once."""
-        return status == 401 and bool(self.config.token_file) and not refreshed
+    def _credentials(self, stale: Credentials | None = None) -> Credentials:
+        """The config's credentials (fresh ones after ``stale`` was refused), with the TLS
+        context switched to an exec plugin's client certificate when it returned one."""
+        try:
+            creds = self.config.credentials(stale=stale)
+        except ExecPluginError as exc:
+            self._unreachable()
+            raise CredentialsUnavailable(0, "ExecPluginFailed", str(exc)) from exc
+        if self._scheme == "https" and creds.exec_credential is not None:
+            pair = (creds.cert_data, creds.key_data) if creds.cert_data and creds.key_data else None
+            if self._ssl_cert != pair:
+                with self._ssl_lock:
+                    if self._ssl_cert != pair:
+                        self._ssl = self.config.ssl_context(client_cert=pair)
+                        self._ssl_cert = pair
+                        self._ssl_generation += 1
+        return creds
 
     def _unreachable(self) -> None:
         if self.unreachable_since is None:

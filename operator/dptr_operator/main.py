@@ -9,17 +9,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import kopf
 
 from dptr_common import naming
+from dptr_common.kube import Credentials, KubeConfig
 from dptr_common.models import GROUP, PIPELINE_TASK_PLURAL, TASK_RUNNER_PLURAL, VERSION
 from dptr_operator.config import OperatorConfig
 from dptr_operator.runtime import Operator
 
-__all__ = ["NoEssenceStorage", "build_registry", "configure"]
+__all__ = ["KopfLogin", "NoEssenceStorage", "build_registry", "configure"]
 
 _TASK_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_ROLE}=task"
 
@@ -68,27 +70,52 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.execution.max_workers = 4
 
 
-def build_registry(op: Operator, config: OperatorConfig) -> kopf.OperatorRegistry:
-    registry = kopf.OperatorRegistry()
+class KopfLogin:
+    """kopf's credentials, from dptr's own client config (kubeconfig or in-cluster): no
+    kubernetes package import, and the same credentials as dptr's own client.
 
-    @kopf.on.login(registry=registry)
-    async def login(**_: Any) -> kopf.ConnectionInfo:
-        # From dptr's own client config (kubeconfig or in-cluster): no kubernetes package
-        # import, and a rotated projected token is re-read on every re-login.
-        kc = op.kube.config
+    kopf logs in again only when the credentials it has expired (``expiration``, an exec
+    plugin's expirationTimestamp) or got a 401.  So a second login that would hand kopf
+    the same credentials as the last one asks for fresh ones: a rotated projected token is
+    re-read, an exec plugin runs again (unless dptr's client already refreshed them after
+    its own 401).  kopf will not take back credentials it saw refused.
+    """
+
+    def __init__(self, config: KubeConfig) -> None:
+        self.config = config
+        self._last: Credentials | None = None
+
+    def connection_info(self) -> kopf.ConnectionInfo:
+        """Blocking (an exec plugin may run): call it from a thread."""
+        kc = self.config
+        creds = kc.credentials(stale=self._last)
+        self._last = creds
         return kopf.ConnectionInfo(
             server=kc.server,
             ca_path=kc.ca_file,
             ca_data=kc.ca_data,
             insecure=kc.insecure or None,
-            token=kc.bearer_token(force=True),
-            scheme="Bearer" if kc.bearer_token() else None,
-            certificate_path=kc.cert_file,
-            certificate_data=kc.cert_data,
-            private_key_path=kc.key_file,
-            private_key_data=kc.key_data,
+            token=creds.token,
+            scheme="Bearer" if creds.token else None,
+            certificate_path=creds.cert_file,
+            certificate_data=creds.cert_data,
+            private_key_path=creds.key_file,
+            private_key_data=creds.key_data,
             default_namespace=kc.namespace,
+            expiration=creds.expiration,
         )
+
+
+def build_registry(op: Operator, config: OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    logins: list[KopfLogin] = []
+
+    @kopf.on.login(registry=registry)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        if not logins:
+            logins.append(KopfLogin(op.kube.config))
+        # In a thread: an exec credential plugin must not stall kopf's event loop.
+        return await asyncio.to_thread(logins[0].connection_info)
 
     @kopf.on.startup(registry=registry)
     async def startup(**kwargs: Any) -> None:
