@@ -20,6 +20,14 @@
 # BASE_IMAGE is Debian bookworm, whose python3 is the project's Python 3.11.
 # The test bed swaps it for a base assembled locally from Debian packages
 # (localhost/debian-base:bookworm); see docs/real-node.md.
+#
+# Every image carries the OCI labels org.opencontainers.image.{title,description,
+# source,version,revision,licenses}, set by the last step of each target from the build
+# args VERSION (pyproject.toml's), REVISION (the commit) and SOURCE (the repository):
+#   docker build --target operator --build-arg VERSION=0.1.0 \
+#     --build-arg REVISION="$(git rev-parse HEAD)" -t dptr-operator .
+# `make images` (dptr-testbed images --release) passes them, and the same keys as
+# manifest annotations; release.yml sets the same labels with build-push-action.
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim@sha256:56ff6d36d4eb3db13a741b342ec466f121480b5edded42e4b7ee850ce7a418ee
 
 # ---- build: an empty virtualenv, the toolchain both images build with ------
@@ -97,8 +105,8 @@ RUN apt-get update \
 # ---- the images ------------------------------------------------------------
 # Bytecode is compiled at build time and nothing is written at run time, so
 # both run with readOnlyRootFilesystem: true. The two targets differ only in
-# the venv they copy and their entry point. (Without --target, a build makes
-# the last one: the operator.)
+# the venv they copy, their entry point and their title. (Without --target, a
+# build makes the last one: the operator.)
 FROM runtime AS sidecar
 COPY --from=build-sidecar /opt/dptr /opt/dptr
 ENV PATH=/opt/dptr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -106,6 +114,16 @@ ENV PATH=/opt/dptr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONUNBUFFERED=1
 USER 65532:65532
 ENTRYPOINT ["dptr-sidecar"]
+# Last, so that a new revision only re-does this step.
+ARG VERSION=unknown
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/dptr-dev/dptr
+LABEL org.opencontainers.image.title="dptr-sidecar" \
+      org.opencontainers.image.description="dptr sidecar: a Kubernetes-native task runner for AWS Data Pipeline" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 FROM runtime AS activity
 COPY --from=build-activity /opt/dptr /opt/dptr
@@ -114,6 +132,16 @@ ENV PATH=/opt/dptr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONUNBUFFERED=1
 USER 65532:65532
 ENTRYPOINT ["dptr-activity"]
+# Last, so that a new revision only re-does this step.
+ARG VERSION=unknown
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/dptr-dev/dptr
+LABEL org.opencontainers.image.title="dptr-activity" \
+      org.opencontainers.image.description="dptr activity: a Kubernetes-native task runner for AWS Data Pipeline" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 FROM runtime AS operator
 COPY --from=build-operator /opt/dptr /opt/dptr
@@ -122,3 +150,13 @@ ENV PATH=/opt/dptr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONUNBUFFERED=1
 USER 65532:65532
 ENTRYPOINT ["dptr-operator"]
+# Last, so that a new revision only re-does this step.
+ARG VERSION=unknown
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/dptr-dev/dptr
+LABEL org.opencontainers.image.title="dptr-operator" \
+      org.opencontainers.image.description="dptr operator: a Kubernetes-native task runner for AWS Data Pipeline" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"

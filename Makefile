@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # Parallel workers for the test suite; 2 cores on the reference machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup binaries node-prereqs lint test unit demo manifests clean
+.PHONY: setup binaries node-prereqs lint test unit demo manifests images chart clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dptr needs Python 3.11+"'
@@ -47,5 +47,15 @@ demo: setup binaries
 manifests: binaries
 	$(PY) scripts/generate-manifests.py
 
+# The operator, sidecar and activity images, built with podman on the test bed's local
+# Debian base (as root: debootstrap), tagged ghcr.io/dptr-dev/dptr-<target>:<version>,
+# with the OCI labels release.yml sets. Pushes nothing (docs/releasing.md).
+images: setup
+	$(VENV)/bin/dptr-testbed images --release
+
+# charts/dptr, linted and packaged by the bed's helm into dist/dptr-<version>.tgz.
+chart: binaries
+	$(VENV)/bin/dptr-testbed chart --destination dist
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def _cmd_images(args: argparse.Namespace) -> int:
     from . import images
 
     started = time.monotonic()
+    if args.release:
+        return _release_images(started, verify=args.verify)
     try:
         built = images.ensure_all()
     except images.ImageBuildError as err:
@@ -105,6 +108,77 @@ def _cmd_images(args: argparse.Namespace) -> int:
             print("dptr-testbed images: verification failed:\n  " + "\n  ".join(failures), file=sys.stderr)
             return 1
         print("verified under containerd: non-root, no kopf in the sidecar, exit codes pass through")
+    return 0
+
+
+def _release_images(started: float, *, verify: bool) -> int:
+    from . import images
+
+    if verify:
+        print("dptr-testbed images: --verify checks the real node's images, not --release", file=sys.stderr)
+        return 2
+    try:
+        meta, tags = images.build_release_images()
+    except images.ImageBuildError as err:
+        print(f"dptr-testbed images: {err}", file=sys.stderr)
+        return 1
+    for tag in tags:
+        print(f"{tag}\t{images.image_size(tag) / 1e6:.0f} MB\t{images.image_id(tag)[:12]}")
+    print(f"version {meta.version}, revision {meta.revision}, source {meta.source}")
+    print(f"images built in {time.monotonic() - started:.0f}s (on {images.BASE_IMAGE}; not pushed)")
+    return 0
+
+
+class ChartError(RuntimeError):
+    """The chart could not be packaged; the message says why."""
+
+
+def package_chart(destination: Path) -> Path:
+    """``helm lint`` and ``helm package`` charts/dptr into ``destination`` with the bed's
+    helm (``make binaries``); returns ``<destination>/dptr-<version>.tgz``.
+
+    Refuses a chart whose ``version`` or ``appVersion`` is not pyproject.toml's version,
+    as release.yml does (scripts/set-version.py sets all three).
+    """
+    import tomllib
+
+    import yaml
+
+    from .images import repo_root
+
+    root = repo_root()
+    chart_dir = root / "charts" / "dptr"
+    helm = binaries.Binaries(binaries.bin_dir()).helm
+    if not helm.exists():
+        raise ChartError(f"helm is not built ({helm}); run `make binaries`")
+    chart = yaml.safe_load((chart_dir / "Chart.yaml").read_text())
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    if not str(chart["version"]) == str(chart["appVersion"]) == project:
+        raise ChartError(
+            f"Chart.yaml has version {chart['version']} and appVersion {chart['appVersion']}, "
+            f"pyproject.toml {project}; run scripts/set-version.py {project}"
+        )
+    destination.mkdir(parents=True, exist_ok=True)
+    for cmd in (
+        [str(helm), "lint", str(chart_dir)],
+        [str(helm), "package", str(chart_dir), "--destination", str(destination)],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ChartError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    package = destination / f"{chart['name']}-{chart['version']}.tgz"
+    if not package.exists():
+        raise ChartError(f"helm package did not write {package}: {proc.stdout.strip()}")
+    return package
+
+
+def _cmd_chart(args: argparse.Namespace) -> int:
+    try:
+        package = package_chart(Path(args.destination).resolve())
+    except ChartError as err:
+        print(f"dptr-testbed chart: {err}", file=sys.stderr)
+        return 1
+    print(package)
     return 0
 
 
@@ -154,7 +228,17 @@ def main(argv: list[str] | None = None) -> int:
 
     imgs = sub.add_parser("images", help="build the real node's images (base, pause, operator, sidecar)")
     imgs.add_argument("--verify", action="store_true", help="then check them under a scratch containerd")
+    imgs.add_argument(
+        "--release",
+        action="store_true",
+        help="instead build every Dockerfile target (operator, sidecar, activity) tagged "
+        "ghcr.io/dptr-dev/dptr-<target>:<version>, with OCI labels (`make images`; pushes nothing)",
+    )
     imgs.set_defaults(func=_cmd_images)
+
+    chart = sub.add_parser("chart", help="helm lint and helm package charts/dptr (`make chart`)")
+    chart.add_argument("--destination", default="dist", help="where the .tgz goes (default dist/)")
+    chart.set_defaults(func=_cmd_chart)
 
     prereqs = sub.add_parser("node-prereqs", help="check (and install) what the real node needs")
     prereqs.add_argument("--install", action="store_true", help="apt-get install the Debian packages")

@@ -9,7 +9,8 @@ real node runs is assembled locally:
    in a ``FROM scratch`` image, the CRI sandbox image;
 3. the project's own images, the ``operator`` and ``sidecar`` targets of the
    repository's Dockerfile, built with ``podman build`` on that base (the
-   ``BASE_IMAGE`` build arg);
+   ``BASE_IMAGE`` build arg), with the OCI labels and annotations the release
+   images carry (``ImageMetadata``);
 4. each image saved once to an archive that ``ctr -n k8s.io images import``
    loads into the node's containerd.
 
@@ -17,11 +18,16 @@ What can be cached is, under ``<cache>/images`` (``~/.cache/dptr/images``),
 keyed by its inputs: the base's root filesystem tarball (suite, mirror,
 recipe), the pause binary (source, Go version) and the saved archives (image
 id). Podman's own layer cache makes a warm ``podman build`` take seconds.
+
+``build_release_images`` (``dptr-testbed images --release``, ``make images``) builds
+all three targets the same way, tagged as the release workflow pushes them
+(``ghcr.io/dptr-dev/dptr-<target>:<version>``); it pushes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +38,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from dptr_common.version import REGISTRY, VERSION
 
 from . import binaries
 
@@ -110,6 +118,13 @@ PROJECT_IMAGES = (
     ProjectImage(OPERATOR_IMAGE, "operator"),
     ProjectImage(SIDECAR_IMAGE, "sidecar"),
 )
+#: Every image target of DOCKERFILE: what release.yml pushes and `make images` builds.
+RELEASE_TARGETS = ("operator", "sidecar", "activity")
+
+
+def release_images(version: str = VERSION) -> tuple[ProjectImage, ...]:
+    """The images as the release workflow tags them: ``ghcr.io/dptr-dev/dptr-<target>:<version>``."""
+    return tuple(ProjectImage(f"{REGISTRY}/dptr-{target}:{version}", target) for target in RELEASE_TARGETS)
 
 
 def images_cache() -> Path:
@@ -348,6 +363,72 @@ def ensure_pause() -> str:
 
 
 # ---- the project's images --------------------------------------------------
+#: org.opencontainers.image.source and .licenses of every image (release.yml sets the same).
+SOURCE = "https://github.com/dptr-dev/dptr"
+LICENSES = "Apache-2.0"
+OCI = "org.opencontainers.image"
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """The OCI metadata of a project image: the Dockerfile's build args, which set its
+    labels (in the image config, what ``podman image inspect`` shows as Labels), and the
+    same keys as manifest annotations. ``.github/workflows/release.yml`` sets the same
+    labels (and annotations) on the images it pushes."""
+
+    version: str
+    revision: str
+    source: str = SOURCE
+
+    def labels(self, target: str) -> dict[str, str]:
+        return {
+            f"{OCI}.title": f"dptr-{target}",
+            f"{OCI}.description": f"dptr {target}: a Kubernetes-native task runner for AWS Data Pipeline",
+            f"{OCI}.source": self.source,
+            f"{OCI}.version": self.version,
+            f"{OCI}.revision": self.revision,
+            f"{OCI}.licenses": LICENSES,
+        }
+
+    def build_args(self, target: str) -> list[str]:
+        args = [
+            *("--build-arg", f"VERSION={self.version}"),
+            *("--build-arg", f"REVISION={self.revision}"),
+            *("--build-arg", f"SOURCE={self.source}"),
+        ]
+        for key, value in self.labels(target).items():
+            args += ["--annotation", f"{key}={value}"]
+        return args
+
+
+def git_revision(root: Path | None = None) -> str:
+    """``git rev-parse HEAD`` of the repository, ``-dirty`` when ``git status`` lists
+    anything (untracked files too, as Go's ``vcs.modified``), ``unknown`` outside git."""
+    root = repo_root() if root is None else root
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    # safe.directory: the builds run as root, in a checkout that may be someone else's;
+    # --no-optional-locks: `git status` must not rewrite (and re-own) that checkout's index.
+    base = [git, "-c", f"safe.directory={root}", "--no-optional-locks", "-C", str(root)]
+
+    def git_out(*args: str) -> str | None:
+        proc = subprocess.run([*base, *args], capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    top = git_out("rev-parse", "--show-toplevel")
+    head = git_out("rev-parse", "--verify", "HEAD")
+    status = git_out("status", "--porcelain")
+    if top is None or Path(top).resolve() != root.resolve() or head is None or status is None:
+        return "unknown"
+    return f"{head}-dirty" if status else head
+
+
+def image_metadata() -> ImageMetadata:
+    """This checkout's: the installed dptr version and the git revision."""
+    return ImageMetadata(VERSION, git_revision())
+
+
 def build_args(ca_bundle: Path | None) -> list[str]:
     """podman build arguments for the local build path (base swap, proxy CA)."""
     args = ["--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--ulimit", "nofile=1024:1024", "--layers"]
@@ -356,15 +437,20 @@ def build_args(ca_bundle: Path | None) -> list[str]:
     return args
 
 
-def build_project_image(image: ProjectImage, ca_bundle: Path | None) -> str:
+def build_project_image(
+    image: ProjectImage, ca_bundle: Path | None, metadata: ImageMetadata | None = None
+) -> str:
+    """``podman build`` one target on the local base, with its OCI labels and annotations."""
     podman = _need("podman", "podman")
     root = repo_root()
+    meta = image_metadata() if metadata is None else metadata
     started = time.monotonic()
     _run(
         [
             podman,
             "build",
             *build_args(ca_bundle),
+            *meta.build_args(image.target),
             "-f",
             image.dockerfile,
             "--target",
@@ -432,9 +518,43 @@ def ensure_all(project: bool = True, ca_bundle: Path | None = None) -> BuiltImag
     ca = ca_bundle if ca_bundle is not None else default_ca_bundle()
     tags = [ensure_base(), ensure_pause()]
     if project:
-        tags += [build_project_image(image, ca) for image in PROJECT_IMAGES]
+        meta = image_metadata()
+        tags += [build_project_image(image, ca, meta) for image in PROJECT_IMAGES]
     archives = {tag: save(tag) for tag in tags if tag != BASE_IMAGE}
     return BuiltImages(archives)
+
+
+def build_release_images(
+    ca_bundle: Path | None = None, metadata: ImageMetadata | None = None
+) -> tuple[ImageMetadata, list[str]]:
+    """Build every Dockerfile target as ``release_images`` tags it (``make images``).
+
+    The build path of the real node's images: the local Debian base in place of the
+    Dockerfile's pinned ``debian:bookworm-slim`` (no registry is reachable here), the
+    host's CA bundle for pip, the OCI labels and annotations. Nothing is pushed.
+    """
+    if os.geteuid() != 0:
+        raise ImageBuildError("building the images needs root here (debootstrap of the local base, podman)")
+    ca = ca_bundle if ca_bundle is not None else default_ca_bundle()
+    meta = image_metadata() if metadata is None else metadata
+    ensure_base()
+    return meta, [build_project_image(image, ca, meta) for image in release_images(meta.version)]
+
+
+def image_labels(tag: str) -> dict[str, str]:
+    """The labels in ``tag``'s config, as ``podman image inspect`` shows them."""
+    out = _run(["podman", "image", "inspect", "--format", "{{json .Labels}}", tag], f"inspect {tag}").stdout
+    labels: dict[str, str] = json.loads(out) or {}
+    return labels
+
+
+def image_annotations(tag: str) -> dict[str, str]:
+    """The annotations of ``tag``'s manifest, as ``podman image inspect`` shows them."""
+    out = _run(
+        ["podman", "image", "inspect", "--format", "{{json .Annotations}}", tag], f"inspect {tag}"
+    ).stdout
+    annotations: dict[str, str] = json.loads(out) or {}
+    return annotations
 
 
 def build_image(context: Path, tag: str, containerfile: str = "Containerfile") -> Path:
