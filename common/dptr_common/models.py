@@ -45,6 +45,7 @@ __all__ = [
     "HistoryLimits",
     "ImagePolicy",
     "JobTemplate",
+    "LocalObjectReference",
     "ObjectMeta",
     "PipelineTask",
     "PipelineTaskSpec",
@@ -163,6 +164,16 @@ class HeartbeatSpec(CamelModel):
     base_interval_seconds: int = Field(default=60, ge=10, le=3600)
 
 
+#: A DNS-1123 subdomain: the name of a PriorityClass or a Secret.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class LocalObjectReference(CamelModel):
+    """An object of the TaskRunner's namespace, by name (core/v1 LocalObjectReference)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+
+
 class JobTemplate(CamelModel):
     """What every task's Job starts from."""
 
@@ -186,6 +197,19 @@ class JobTemplate(CamelModel):
     #: the task's own files outlive the pod on.  dptr's containers never mount them.
     volumes: list[dict[str, Any]] = []
     volume_mounts: list[dict[str, Any]] = []
+    #: Scheduling of the task pods, copied into the pod as given (core/v1 Affinity and
+    #: TopologySpreadConstraint); the pods carry dptr's labels (``dptr.dev/task-runner``,
+    #: ``dptr.dev/role: task``...) and the template's own to select on.
+    affinity: dict[str, Any] | None = None
+    topology_spread_constraints: list[dict[str, Any]] = []
+    #: The task pods' PriorityClass: one of the administrator's (``--allow-priority-class``),
+    #: since a higher priority preempts other tenants' pods.
+    priority_class_name: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN
+    )
+    #: Secrets of the namespace the pod's images (the task's and dptr's) are pulled with;
+    #: they replace the pod ServiceAccount's (added only to a pod that names none).
+    image_pull_secrets: list[LocalObjectReference] = []
 
     @model_validator(mode="after")
     def _volumes_stay_clear_of_dptrs(self) -> Self:

@@ -23,6 +23,7 @@ __all__ = [
     "FETCH_CONTAINER",
     "IDENTITY_VARS",
     "SIDECAR_CONTAINER",
+    "SIDECAR_RESOURCES",
     "SKIP_CONTAINERS",
     "STAGE_IN_CONTAINER",
     "TASK_CONTAINER",
@@ -37,6 +38,13 @@ TASK_CONTAINER = "task"
 SIDECAR_CONTAINER = "dptr-sidecar"
 FETCH_CONTAINER = "dptr-fetch-script"
 STAGE_IN_CONTAINER = "dptr-stage-in"
+#: Compute resources of each of dptr's own containers in a task pod (the sidecar, and the
+#: script fetcher, stage-in and an Exists check, which run the same program) unless the
+#: operator is given others (``--sidecar-resources``, Helm ``sidecar.resources``).
+SIDECAR_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "10m", "memory": "64Mi"},
+    "limits": {"memory": "128Mi"},
+}
 #: The AWS keys a Secret-mode TaskRunner gives dptr's containers (and, opted in, the task).
 CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 #: Everything that makes up the runner's AWS identity in one of dptr's containers: keys,

@@ -35,6 +35,7 @@ The taskId is deliberately absent: whoever holds it can report the task's outcom
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -56,6 +57,7 @@ from dptr_common.models import API_VERSION, PIPELINE_TASK_KIND, ProxySettings, T
 from dptr_common.podspec import (
     FETCH_CONTAINER,
     SIDECAR_CONTAINER,
+    SIDECAR_RESOURCES,
     SKIP_CONTAINERS,
     STAGE_IN_CONTAINER,
     TASK_CONTAINER,
@@ -75,6 +77,7 @@ __all__ = [
     "SCRIPT_DIR",
     "SCRIPT_PATH",
     "SIDECAR_CONTAINER",
+    "SIDECAR_RESOURCES",
     "SUPPORTED_TYPES",
     "TASK_CONTAINER",
     "TOKEN_MOUNT_PATH",
@@ -324,7 +327,13 @@ def _task_env(task: Task, runner: TaskRunner) -> list[dict[str, Any]]:
 
 
 def _sidecar(
-    task: Task, runner: TaskRunner, image: str, pipeline_task: str, *, web_identity: bool
+    task: Task,
+    runner: TaskRunner,
+    image: str,
+    pipeline_task: str,
+    *,
+    web_identity: bool,
+    resources: dict[str, Any],
 ) -> dict[str, Any]:
     env = [
         _field_env("POD_NAME", "metadata.name"),
@@ -354,7 +363,7 @@ def _sidecar(
         "command": command(["dptr-sidecar"]),
         "restartPolicy": "Always",
         "env": env,
-        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "resources": copy.deepcopy(resources),
         "securityContext": _restricted_container_security(read_only_root=True),
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True},
@@ -364,7 +373,9 @@ def _sidecar(
     }
 
 
-def _fetcher(task: Task, runner: TaskRunner, image: str, *, web_identity: bool) -> dict[str, Any]:
+def _fetcher(
+    task: Task, runner: TaskRunner, image: str, *, web_identity: bool, resources: dict[str, Any]
+) -> dict[str, Any]:
     env = [
         _env("DPTR_SCRIPT_URI", str(task.script_uri)),
         _env("DPTR_SCRIPT_PATH", SCRIPT_PATH),
@@ -379,7 +390,7 @@ def _fetcher(task: Task, runner: TaskRunner, image: str, *, web_identity: bool) 
         "image": image,
         "command": command(["dptr-sidecar", "fetch-script"]),
         "env": env,
-        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "resources": copy.deepcopy(resources),
         "securityContext": _restricted_container_security(read_only_root=True),
         "volumeMounts": [{"name": SCRIPT_VOLUME, "mountPath": SCRIPT_DIR}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -442,6 +453,7 @@ def render_job(
     proxy: ProxySettings | None = None,
     activity_image: str = DEFAULT_ACTIVITY_IMAGE,
     activity_plan: ActivityPlan | None = None,
+    sidecar_resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole Job manifest (a plain dict for the API) that runs ``task`` for ``runner``.
 
@@ -454,7 +466,9 @@ def render_job(
     container of dptr's, the stage-in container included.  ``time_scale`` scales a
     precondition's ``retryDelay`` and ``preconditionTimeout`` (tests run at 0.01).
     ``proxy`` is the operator's own; the TaskRunner's ``spec.proxy`` wins.  It reaches
-    every container of dptr's, and the task's only with ``passToTask``.  Raises :class:`TaskError`
+    every container of dptr's, and the task's only with ``passToTask``.  ``sidecar_resources``
+    (core/v1 ResourceRequirements; None: :data:`SIDECAR_RESOURCES`) are those of each of
+    dptr's containers of the sidecar image.  Raises :class:`TaskError`
     (``dptr.UnknownActivityType``, ``dptr.ImageNotAllowed``, ``dptr.InvalidTask.*``,
     ``dptr.StagingFailed.*``, ``dptr.InvalidTask.TooLarge.*`` past :mod:`dptr_common.bounds`)
     for a task that cannot run; nothing must be created then.
@@ -469,6 +483,7 @@ def render_job(
         time_scale=time_scale,
         activity_image=activity_image,
         activity_plan=activity_plan,
+        sidecar_resources=sidecar_resources,
     )
     job = render_staging(job, task, runner)
     pod = job["spec"]["template"]["spec"]
@@ -507,6 +522,7 @@ def render_base_job(
     time_scale: float = 1.0,
     activity_image: str = DEFAULT_ACTIVITY_IMAGE,
     activity_plan: ActivityPlan | None = None,
+    sidecar_resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Job without staging or S3 log capture (what :func:`render_job` builds on).
 
@@ -577,7 +593,10 @@ def render_base_job(
         # check runs dptr's code only and needs the runner's S3 access.
         pod_annotations[SKIP_CONTAINERS] = TASK_CONTAINER
 
-    sidecar = _sidecar(task, runner, sidecar_image, owner_ref["name"], web_identity=web_identity)
+    resources = SIDECAR_RESOURCES if sidecar_resources is None else sidecar_resources
+    sidecar = _sidecar(
+        task, runner, sidecar_image, owner_ref["name"], web_identity=web_identity, resources=resources
+    )
     timing = check_timing(task, time_scale)
     task_container: dict[str, Any]
     if exists:
@@ -625,7 +644,9 @@ def render_base_job(
     if activity_plan is not None and task.object_type in ACTIVITY_TYPES:
         volumes.append(plan_volume(secret_name(name, activity_plan)))
     if task.script_uri and not own_code:
-        init_containers.append(_fetcher(task, runner, sidecar_image, web_identity=web_identity))
+        init_containers.append(
+            _fetcher(task, runner, sidecar_image, web_identity=web_identity, resources=resources)
+        )
         volumes.append({"name": SCRIPT_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}})
         task_container["volumeMounts"] = [
             *task_container.get("volumeMounts", []),
@@ -652,6 +673,15 @@ def render_base_job(
         pod_spec["nodeSelector"] = dict(template.node_selector)
     if template.tolerations:
         pod_spec["tolerations"] = list(template.tolerations)
+    if template.affinity:
+        pod_spec["affinity"] = copy.deepcopy(template.affinity)
+    if template.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = copy.deepcopy(template.topology_spread_constraints)
+    if template.priority_class_name:
+        pod_spec["priorityClassName"] = template.priority_class_name
+    if template.image_pull_secrets:
+        # Every image of the pod is pulled with them: the task's and dptr's own.
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in template.image_pull_secrets]
 
     job_spec: dict[str, Any] = {
         # Retries belong to Data Pipeline (maximumRetries), never to the Job controller.

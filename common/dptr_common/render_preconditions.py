@@ -210,7 +210,8 @@ def exists_container(
         "image": sidecar["image"],
         "command": command(["dptr-sidecar", "check-exists"]),
         "env": [*env, *credentials],
-        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        # The sidecar's (the operator's --sidecar-resources): the same program.
+        "resources": copy.deepcopy(sidecar.get("resources", {})),
         "securityContext": copy.deepcopy(sidecar.get("securityContext", {})),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

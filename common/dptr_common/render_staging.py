@@ -167,7 +167,8 @@ def _stage_in_container(
         "image": sidecar["image"],
         "command": command(["dptr-sidecar", "stage-in"]),
         "env": env,
-        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        # The sidecar's (the operator's --sidecar-resources): the same program.
+        "resources": copy.deepcopy(sidecar.get("resources", {})),
         "securityContext": copy.deepcopy(sidecar.get("securityContext", {})),
         "volumeMounts": [
             {"name": STAGING_VOLUME, "mountPath": STAGING_ROOT, "readOnly": False},

@@ -10,18 +10,91 @@ stale-claim timeouts) is given here in *protocol* seconds and multiplied by
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from decimal import Decimal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from dptr_common.models import ProxySettings
+from dptr_common.podspec import SIDECAR_RESOURCES
 from dptr_common.version import ACTIVITY_IMAGE, SIDECAR_IMAGE
 from dptr_operator.tenancy import DEFAULT_VOLUME_TYPES, OVERRIDES, TenancyPolicy, parse_grants
 
-__all__ = ["OperatorConfig", "parse_args"]
+__all__ = ["LOG_LEVELS", "OperatorConfig", "SidecarResources", "parse_args"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+#: A Kubernetes quantity (apimachinery's grammar): 10m, 0.5, 64Mi, 1G, 1e3.
+_QUANTITY = re.compile(
+    r"^(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+)
+_SUFFIXES: dict[str | None, Decimal] = {None: Decimal(1)}
+_SUFFIXES.update({s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))})
+_SUFFIXES.update(
+    {s: Decimal(10) ** e for s, e in zip("numkMGTPE", (-9, -6, -3, 3, 6, 9, 12, 15, 18), strict=True)}
+)
+_RESOURCE_NAME = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _quantity(value: str) -> Decimal:
+    match = _QUANTITY.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 10m, 0.5, 64Mi or 1Gi")
+    number, suffix = match.group("number"), match.group("suffix")
+    if suffix not in _SUFFIXES:  # an exponent: 1e3
+        return Decimal(number + suffix)
+    return Decimal(number) * _SUFFIXES[suffix]
+
+
+class SidecarResources(BaseModel):
+    """The compute resources (core/v1 ResourceRequirements: requests and limits) of dptr's
+    own containers in every task pod (``--sidecar-resources``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+
+    @field_validator("requests", "limits", mode="before")
+    @classmethod
+    def _quantities(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value  # pydantic says what is wrong
+        out: dict[str, str] = {}
+        for name, amount in value.items():
+            if not isinstance(name, str) or not _RESOURCE_NAME.match(name):
+                raise ValueError(f"{name!r} is not a resource name such as cpu or memory")
+            if isinstance(amount, bool) or not isinstance(amount, (str, int, float)):
+                raise ValueError(f"{name}: {amount!r} is not a quantity")
+            text = str(amount)
+            if _quantity(text) < 0:
+                raise ValueError(f"{name}: {text} is negative")
+            out[name] = text
+        return out
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> SidecarResources:
+        for name, request in self.requests.items():
+            limit = self.limits.get(name)
+            if limit is not None and _quantity(request) > _quantity(limit):
+                raise ValueError(f"the {name} request ({request}) is more than its limit ({limit})")
+        return self
+
+    def to_k8s(self) -> dict[str, Any]:
+        """As a container's ``resources``."""
+        return {k: dict(v) for k, v in (("requests", self.requests), ("limits", self.limits)) if v}
+
+
+def _default_sidecar_resources() -> SidecarResources:
+    return SidecarResources.model_validate(copy.deepcopy(SIDECAR_RESOURCES))
 
 
 class OperatorConfig(BaseModel):
@@ -39,6 +112,10 @@ class OperatorConfig(BaseModel):
     sidecar_service_account: str = "dptr-sidecar"
     #: NAME=VALUE pairs every dptr container of a task pod gets (not the task's own).
     sidecar_env: list[str] = []
+    #: Requests and limits of dptr's containers in every task pod.
+    sidecar_resources: SidecarResources = Field(default_factory=_default_sidecar_resources)
+    #: DPTR_LOG_LEVEL of dptr's containers in every task pod.
+    sidecar_log_level: LogLevel = "INFO"
     #: The operator's own proxy (HTTPS_PROXY/HTTP_PROXY/NO_PROXY in its environment, from
     #: the Helm values): the default for every task pod's dptr containers.
     proxy: ProxySettings | None = None
@@ -50,6 +127,8 @@ class OperatorConfig(BaseModel):
     allowed_overrides: list[str] = []
     #: Volume types jobTemplate.volumes may use; empty: DEFAULT_VOLUME_TYPES.
     allowed_volume_types: list[str] = []
+    #: PriorityClasses jobTemplate.priorityClassName may name; empty: none.
+    allowed_priority_classes: list[str] = []
     #: Where every TaskRunner's requests go unless it may and does say otherwise.
     default_endpoint_url: str | None = None
     default_s3_endpoint_url: str | None = None
@@ -99,6 +178,7 @@ class OperatorConfig(BaseModel):
             allow_any_worker_group=self.allow_any_worker_group,
             allowed_overrides=frozenset(self.allowed_overrides),
             allowed_volume_types=frozenset(self.allowed_volume_types) or DEFAULT_VOLUME_TYPES,
+            allowed_priority_classes=frozenset(self.allowed_priority_classes),
         )
         return self
 
@@ -116,6 +196,8 @@ class OperatorConfig(BaseModel):
         env = {**self.extra_sidecar_env, "DPTR_TIME_SCALE": repr(self.time_scale)}
         if self.log_format != "text":
             env["DPTR_LOG_FORMAT"] = self.log_format
+        if self.sidecar_log_level != "INFO":
+            env["DPTR_LOG_LEVEL"] = self.sidecar_log_level
         return env
 
     @model_validator(mode="after")
@@ -219,6 +301,22 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         help="environment of dptr's containers in every task pod, e.g. AWS_ENDPOINT_URL_STS=... "
         "(repeatable; env DPTR_SIDECAR_ENV, ';'-separated)",
     )
+    parser.add_argument(
+        "--sidecar-resources",
+        default=env.get("DPTR_SIDECAR_RESOURCES") or None,
+        metavar="JSON",
+        help="requests and limits of dptr's containers in every task pod (the sidecar, the script "
+        'fetcher, stage-in, an Exists check) as JSON, e.g. \'{"requests":{"cpu":"10m","memory":"64Mi"},'
+        '"limits":{"memory":"128Mi"}}\' (the default); env DPTR_SIDECAR_RESOURCES',
+    )
+    parser.add_argument(
+        "--sidecar-log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=(env.get("DPTR_SIDECAR_LOG_LEVEL") or "INFO").upper(),
+        help="log level of dptr's containers in every task pod (their DPTR_LOG_LEVEL); "
+        "env DPTR_SIDECAR_LOG_LEVEL",
+    )
     tenancy = parser.add_argument_group("tenancy (what TaskRunners may do; see docs/security.md)")
     tenancy.add_argument(
         "--worker-group-grant",
@@ -260,6 +358,15 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         metavar="TYPE",
         help="a volume source TaskRunners' jobTemplate.volumes may use, e.g. persistentVolumeClaim "
         f"(repeatable; replaces the default {', '.join(sorted(DEFAULT_VOLUME_TYPES))})",
+    )
+    tenancy.add_argument(
+        "--allow-priority-class",
+        dest="allowed_priority_classes",
+        action="append",
+        default=_env_items(env, "DPTR_ALLOWED_PRIORITY_CLASSES"),
+        metavar="NAME",
+        help="a PriorityClass TaskRunners' jobTemplate.priorityClassName may name (repeatable; "
+        "env DPTR_ALLOWED_PRIORITY_CLASSES, ';'-separated; default: none)",
     )
     tenancy.add_argument(
         "--default-endpoint-url",
@@ -321,6 +428,11 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     values["namespaces"] = namespaces
     try:
         values["proxy"] = ProxySettings.from_env(env)
+        if args.sidecar_resources is not None:
+            try:
+                values["sidecar_resources"] = json.loads(args.sidecar_resources)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--sidecar-resources is not JSON: {exc}") from None
         return OperatorConfig(**values)
     except ValueError as exc:
         parser.error(str(exc))

@@ -312,6 +312,7 @@ class Dispatcher:
             proxy=self.services.config.proxy,
             activity_image=self.services.config.activity_image,
             activity_plan=plan,
+            sidecar_resources=self.services.config.sidecar_resources.to_k8s(),
         )
         name = str(job["metadata"]["name"])
         deadline = time.monotonic() + self.services.config.scaled(30)

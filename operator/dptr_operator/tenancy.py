@@ -5,8 +5,10 @@ Left to tenants, a TaskRunner could name another team's ``workerGroup`` (and rec
 tasks: commands, ``my*`` fields, inputs, and the right to report them), point the runner's
 requests elsewhere (``endpointUrl``, ``s3EndpointUrl``), run its own code with the
 sidecar's identity (``sidecarImage``), hand the runner's pod identity to its task
-(``passDataPipelineCredentials`` with ``PodIdentity``), or have the operator assume
-another team's IAM role (``credentials.roleArn``).  So each of those is the
+(``passDataPipelineCredentials`` with ``PodIdentity``), have the operator assume
+another team's IAM role (``credentials.roleArn``), mount what the operator's pods can
+reach (``jobTemplate.volumes``), or have its pods preempt other tenants'
+(``jobTemplate.priorityClassName``).  So each of those is the
 administrator's decision, made in the operator's flags (the chart's ``tenancy`` values),
 and a TaskRunner outside it never polls: it shows ``Ready=False``/``Degraded`` with the
 reason and a Warning Event (docs/security.md).
@@ -97,6 +99,8 @@ class TenancyPolicy:
     allowed_overrides: frozenset[str] = frozenset()
     #: Volume types (core/v1 Volume source fields) a TaskRunner's jobTemplate may use.
     allowed_volume_types: frozenset[str] = DEFAULT_VOLUME_TYPES
+    #: PriorityClasses a TaskRunner's jobTemplate may name; none by default.
+    allowed_priority_classes: frozenset[str] = frozenset()
 
     def check(self, runner: TaskRunner) -> Refusal | None:
         spec = runner.spec
@@ -129,6 +133,16 @@ class TenancyPolicy:
                 f"{where} mounts volumes of type {', '.join(types)} into its task pods; the "
                 f"administrator allows {', '.join(sorted(self.allowed_volume_types))} (the chart's "
                 "tenancy.allowedVolumeTypes, the operator's --allow-volume-type)",
+            )
+        priority_class = spec.job_template.priority_class_name
+        if priority_class is not None and priority_class not in self.allowed_priority_classes:
+            # A PriorityClass is cluster-wide: a higher one preempts other tenants' pods.
+            allowed = ", ".join(sorted(self.allowed_priority_classes)) or "none"
+            return Refusal(
+                "PriorityClassNotAllowed",
+                f"{where} gives its task pods priorityClassName {priority_class}; the "
+                f"administrator allows {allowed} (the chart's tenancy.allowedPriorityClasses, "
+                "the operator's --allow-priority-class)",
             )
         refused = [name for name in OVERRIDES if used[name] and name not in self.allowed_overrides]
         if refused:

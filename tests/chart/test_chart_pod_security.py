@@ -78,6 +78,36 @@ def _jobs(namespace: str) -> dict[str, dict[str, Any]]:
             },
         )
     )
+    selector = {"matchLabels": {"dptr.dev/task-runner": "etl"}}
+    scheduled = TaskRunner.from_k8s(
+        s.task_runner_object(
+            jobTemplate={
+                "image": "registry.example.com/etl/base:1.0",
+                "affinity": {
+                    "podAntiAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "weight": 10,
+                                "podAffinityTerm": {
+                                    "topologyKey": "kubernetes.io/hostname",
+                                    "labelSelector": selector,
+                                },
+                            }
+                        ]
+                    }
+                },
+                "topologySpreadConstraints": [
+                    {
+                        "maxSkew": 1,
+                        "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": selector,
+                    }
+                ],
+                "imagePullSecrets": [{"name": "regcred"}],
+            }
+        )
+    )
     common = {
         "sidecar_image": "ghcr.io/dptr-dev/dptr-sidecar:0.1.0",
         "namespace": namespace,
@@ -87,6 +117,12 @@ def _jobs(namespace: str) -> dict[str, dict[str, Any]]:
     return {
         "command, PodIdentity": render_job(command_task, pod_identity, **common),
         "scriptUri, Secret": render_job(script_task, secret, **common),
+        "scheduling, sidecar resources": render_job(
+            script_task,
+            scheduled,
+            sidecar_resources={"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}},
+            **common,
+        ),
     }
 
 
@@ -128,7 +164,9 @@ def test_enforcement_is_on(testbed: RunningTestbed, restricted_namespace: str) -
     assert 'violates PodSecurity "restricted:latest"' in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("variant", ["command, PodIdentity", "scriptUri, Secret"])
+@pytest.mark.parametrize(
+    "variant", ["command, PodIdentity", "scriptUri, Secret", "scheduling, sidecar resources"]
+)
 def test_task_pods_are_admitted(testbed: RunningTestbed, restricted_namespace: str, variant: str) -> None:
     job = _jobs(restricted_namespace)[variant]
     # The Job: accepted, and no Pod Security warning about its pod template.

@@ -72,7 +72,10 @@ def everything(release_ns: str, a: str, b: str) -> dict[str, Any]:
         "sidecar": {
             "image": {"repository": "registry.example.com/dptr/sidecar", "tag": "0.1.0-rc1"},
             "namespaces": [a, b],
+            "resources": {"requests": {"cpu": "20m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}},
+            "logLevel": "DEBUG",
         },
+        "tenancy": {"allowedPriorityClasses": ["batch-low"]},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
         "networkPolicy": {
@@ -91,7 +94,33 @@ def everything(release_ns: str, a: str, b: str) -> dict[str, Any]:
                     "region": "eu-west-1",
                     "credentials": {"mode": "Secret", "secretRef": {"name": "dp-creds"}},
                     "maxConcurrentTasks": 20,
-                    "jobTemplate": {"image": "registry.example.com/etl/base:1.0"},
+                    "jobTemplate": {
+                        "image": "registry.example.com/etl/base:1.0",
+                        "affinity": {
+                            "nodeAffinity": {
+                                "preferredDuringSchedulingIgnoredDuringExecution": [
+                                    {
+                                        "weight": 10,
+                                        "preference": {
+                                            "matchExpressions": [
+                                                {"key": "pool", "operator": "In", "values": ["batch"]}
+                                            ]
+                                        },
+                                    }
+                                ]
+                            }
+                        },
+                        "topologySpreadConstraints": [
+                            {
+                                "maxSkew": 1,
+                                "topologyKey": "topology.kubernetes.io/zone",
+                                "whenUnsatisfiable": "ScheduleAnyway",
+                                "labelSelector": {"matchLabels": {"dptr.dev/task-runner": "etl"}},
+                            }
+                        ],
+                        "priorityClassName": "batch-low",
+                        "imagePullSecrets": [{"name": "regcred"}],
+                    },
                 },
             },
             {

@@ -148,3 +148,124 @@ def test_json_logs_name_the_taskrunner_and_the_attempt(
     assert {r["pipeline"] for r in about} == {pipeline}
     assert {r["taskrunner"] for r in about} == {f"{cluster.namespace}/runner"}
     assert {r["task"] for r in about} == {job["metadata"]["name"]}
+
+
+def test_scheduling_fields_are_kept_by_the_api_server_and_reach_the_task_pod(
+    cluster: Cluster, datapipeline: LocalDataPipeline, operator_factory: Callable[..., OperatorProcess]
+) -> None:
+    """affinity, topologySpreadConstraints, priorityClassName and imagePullSecrets survive
+    the real API server's pruning and reach the Job's pod (and the pod itself), with the
+    operator's sidecar resources and log level; a misspelt field is refused, not kept."""
+    # Cluster-scoped: one of this test's own, deleted at its end.
+    priority_class = f"{cluster.namespace}-batch"
+    cluster.testbed.kubectl(
+        "create",
+        "-f",
+        "-",
+        input=json.dumps(
+            {
+                "apiVersion": "scheduling.k8s.io/v1",
+                "kind": "PriorityClass",
+                "metadata": {"name": priority_class},
+                "value": 1000,
+                "preemptionPolicy": "Never",
+            }
+        ),
+    )
+    try:
+        _check_scheduling_fields(cluster, datapipeline, operator_factory, priority_class)
+    finally:
+        cluster.testbed.kubectl("delete", "priorityclass", priority_class, "--wait=false", check=False)
+
+
+def _check_scheduling_fields(
+    cluster: Cluster,
+    datapipeline: LocalDataPipeline,
+    operator_factory: Callable[..., OperatorProcess],
+    priority_class: str,
+) -> None:
+    from dptr_common.kube import taskrunner_path
+
+    resources = {"requests": {"cpu": "20m", "memory": "96Mi"}, "limits": {"memory": "192Mi"}}
+    operator_factory(
+        *QUIET_GRACES,
+        *("--allow-priority-class", priority_class),
+        *("--sidecar-resources", json.dumps(resources)),
+        *("--sidecar-log-level", "DEBUG"),
+    ).start()
+    selector = {"matchLabels": {"dptr.dev/task-runner": "runner"}}
+    template = {
+        "image": "debian:bookworm",
+        # Required node affinity no node has: the pod stays Pending (as the other tests'
+        # nodeSelector keeps theirs).
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "dptr.dev/test", "operator": "In", "values": ["no-such-node"]}]}
+                    ]
+                }
+            },
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 10, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": selector}}
+                ]
+            },
+        },
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": selector}
+        ],
+        "priorityClassName": priority_class,
+        "imagePullSecrets": [{"name": "regcred"}],
+    }  # fmt: skip
+    cluster.create_runner(datapipeline, "wg-scheduling", jobTemplate=template)
+    # Kept as written: the CRD knows every field (the API server prunes what it does not).
+    assert cluster.runner()["spec"]["jobTemplate"] == template
+
+    # A misspelt field: kubectl asks for strict field validation and is refused...
+    typo = {
+        "apiVersion": "dptr.dev/v1alpha1",
+        "kind": "TaskRunner",
+        "metadata": {"name": "typo"},
+        "spec": {"workerGroup": "wg-typo", "paused": True, "jobTemplate": {"image": "x", "affinty": {}}},
+    }
+    with pytest.raises(RuntimeError, match=r'unknown field "spec\.jobTemplate\.affinty"'):
+        cluster.apply(typo)
+    # ... a client that does not ask has it pruned: what values.schema.json guards against.
+    created = cluster.kube.create(taskrunner_path(cluster.namespace), typo)
+    assert created["spec"]["jobTemplate"] == {"image": "x"}
+
+    # A PriorityClass the administrator did not allow: the runner never polls.
+    cluster.create_runner(
+        datapipeline,
+        "wg-greedy",
+        name="greedy",
+        jobTemplate={"image": "debian:bookworm", "priorityClassName": "system-cluster-critical"},
+    )
+    degraded = wait_for(
+        lambda: (c := cluster.condition("greedy", "Degraded")) and c["status"] == "True" and c,
+        timeout=20,
+        what="greedy Degraded",
+    )
+    assert degraded["reason"] == "PriorityClassNotAllowed", degraded
+    assert "system-cluster-critical" in degraded["message"]
+
+    datapipeline.run_pipeline(
+        {"Echo": {"type": "ShellCommandActivity", "command": "true"}}, worker_group="wg-scheduling"
+    )
+    job = wait_for(cluster.jobs, timeout=20, what="a Job")[0]
+    pod_spec = job["spec"]["template"]["spec"]
+    for key in ("affinity", "topologySpreadConstraints", "priorityClassName", "imagePullSecrets"):
+        assert pod_spec[key] == template[key], key
+    sidecar = pod_spec["initContainers"][0]
+    assert sidecar["resources"] == resources
+    assert {"name": "DPTR_LOG_LEVEL", "value": "DEBUG"} in sidecar["env"]
+    # The pod itself: the Priority admission resolved the class, the scheduler is held off.
+    pod = wait_for(cluster.pods, timeout=20, what="the task pod")[0]
+    assert pod["spec"]["priorityClassName"] == priority_class and pod["spec"]["priority"] == 1000
+    assert pod["spec"]["affinity"] == template["affinity"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["metadata"]["labels"]["dptr.dev/task-runner"] == "runner"  # what the selectors select
+    assert pod["status"]["phase"] == "Pending"
+    polls = datapipeline.ledger.calls_to("PollForTask")
+    assert not [c for c in polls if (c.request or {}).get("workerGroup") == "wg-greedy"]

@@ -97,3 +97,20 @@ def test_the_sidecars_lines_carry_its_attempt() -> None:
         "task": "df-1-a-1",
         "message": "up",
     }
+
+
+def test_the_operator_passes_the_sidecar_log_level_and_the_sidecar_honours_it() -> None:
+    assert "DPTR_LOG_LEVEL" not in parse_args(["--namespace", "a"], env={}).sidecar_container_env
+    config = parse_args(["--namespace", "a", "--sidecar-log-level", "warning"], env={})
+    assert config.sidecar_container_env["DPTR_LOG_LEVEL"] == "WARNING"
+    from_env = parse_args(["--namespace", "a"], env={"DPTR_SIDECAR_LOG_LEVEL": "DEBUG"})
+    assert from_env.sidecar_container_env["DPTR_LOG_LEVEL"] == "DEBUG"
+    with pytest.raises(SystemExit):
+        parse_args(["--namespace", "a", "--sidecar-log-level", "LOUD"], env={})
+    code = (
+        "import logging; from dptr_sidecar.cli import _setup_logging; _setup_logging(); "
+        "log = logging.getLogger('dptr.sidecar'); log.info('quiet'); log.warning('loud')"
+    )
+    env = {**os.environ, "DPTR_LOG_LEVEL": config.sidecar_container_env["DPTR_LOG_LEVEL"]}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "loud" in out.stderr and "quiet" not in out.stderr

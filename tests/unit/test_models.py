@@ -12,6 +12,7 @@ from dptr_common.images import image_allowed
 from dptr_common.models import (
     HeartbeatSpec,
     HistoryLimits,
+    JobTemplate,
     PipelineTask,
     PipelineTaskSpec,
     PipelineTaskStatus,
@@ -239,6 +240,7 @@ def _aliases(model: type[BaseModel]) -> set[str]:
         ("taskrunners.yaml", ("status",), TaskRunnerStatus),
         ("taskrunners.yaml", ("spec", "heartbeat"), HeartbeatSpec),
         ("taskrunners.yaml", ("spec", "historyLimits"), HistoryLimits),
+        ("taskrunners.yaml", ("spec", "jobTemplate"), JobTemplate),
         ("pipelinetasks.yaml", ("spec",), PipelineTaskSpec),
         ("pipelinetasks.yaml", ("status",), PipelineTaskStatus),
     ],
@@ -317,6 +319,32 @@ def test_job_template_volumes_stay_clear_of_dptrs_own() -> None:
     ):
         with pytest.raises(ValidationError):
             runner(**bad)
+
+
+def test_the_job_templates_scheduling_fields_are_typed_where_typos_are_made() -> None:
+    """Unknown fields are pruned (or refused, with strict field validation) wherever the
+    CRD does not preserve them: up to the affinity terms' lists, never below jobTemplate."""
+    template = _properties(_schema("taskrunners.yaml"), "spec", "jobTemplate")
+    spec = _schema("taskrunners.yaml")["properties"]["spec"]
+    assert not spec.get("x-kubernetes-preserve-unknown-fields")
+    assert not spec["properties"]["jobTemplate"].get("x-kubernetes-preserve-unknown-fields")
+    affinity = template["affinity"]
+    assert set(affinity["properties"]) == {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+    for kind, node in affinity["properties"].items():
+        assert not node.get("x-kubernetes-preserve-unknown-fields"), kind
+        assert set(node["properties"]) == {
+            "requiredDuringSchedulingIgnoredDuringExecution",
+            "preferredDuringSchedulingIgnoredDuringExecution",
+        }, kind
+    spread = template["topologySpreadConstraints"]["items"]
+    assert not spread.get("x-kubernetes-preserve-unknown-fields")
+    assert spread["required"] == ["maxSkew", "topologyKey", "whenUnsatisfiable"]
+    assert template["imagePullSecrets"]["items"]["required"] == ["name"]
+    assert set(template["imagePullSecrets"]["items"]["properties"]) == {"name"}
+    assert (
+        template["priorityClassName"]["pattern"]
+        == template["imagePullSecrets"]["items"]["properties"]["name"]["pattern"]
+    )
 
 
 def test_taskrunner_id_on_the_spec() -> None:

@@ -31,6 +31,40 @@ def test_config_flags_env_and_scope() -> None:
         parse_args(["-A", "-n", "a"], env={})
 
 
+def test_sidecar_resources_flag_env_and_validation() -> None:
+    default = parse_args(["-n", "a"], env={}).sidecar_resources.to_k8s()
+    # What task pods had before the flag existed.
+    assert default == {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
+    given = '{"requests": {"cpu": 0.25, "memory": "256Mi"}, "limits": {"memory": "1Gi", "cpu": "1"}}'
+    assert parse_args(["-n", "a", "--sidecar-resources", given], env={}).sidecar_resources.to_k8s() == {
+        "requests": {"cpu": "0.25", "memory": "256Mi"},
+        "limits": {"memory": "1Gi", "cpu": "1"},
+    }
+    from_env = parse_args(["-n", "a"], env={"DPTR_SIDECAR_RESOURCES": '{"requests": {"memory": "1e8"}}'})
+    assert from_env.sidecar_resources.to_k8s() == {"requests": {"memory": "1e8"}}
+    assert parse_args(["-n", "a", "--sidecar-resources", "{}"], env={}).sidecar_resources.to_k8s() == {}
+    # Binary, decimal and exponent suffixes compare as the API server does (1Ei < 2E, 1e3 > 999).
+    fine = '{"requests": {"memory": "1Ei", "cpu": "999m"}, "limits": {"memory": "2E", "cpu": "1e0"}}'
+    assert (
+        parse_args(["-n", "a", "--sidecar-resources", fine], env={}).sidecar_resources.limits["memory"]
+        == "2E"
+    )
+    for bad in (
+        "not json",
+        '{"requests": {"cpu": "lots"}}',
+        '{"requests": {"memory": "-1Mi"}}',
+        '{"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}',  # the API would refuse every Job
+        '{"requests": {"cpu": "100m"}, "limits": {"cpu": "0.05"}}',
+        '{"requests": {"memory": "1e3"}, "limits": {"memory": "999"}}',
+        '{"request": {"cpu": "10m"}}',  # a typo is refused, not ignored
+        '{"requests": {"cpu": true}}',
+        '{"requests": {"bad name!": "1"}}',
+        '["10m"]',
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["-n", "a", "--sidecar-resources", bad], env={})
+
+
 def _conds(**kw: Any) -> dict[str, dict[str, Any]]:
     args: dict[str, Any] = {
         "paused": False,

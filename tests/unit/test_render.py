@@ -557,3 +557,139 @@ def test_credentials_come_last_in_every_container() -> None:
     for container in pod["initContainers"] + pod["containers"]:
         names = [e["name"] for e in container["env"]]
         assert names[-2:] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], (container["name"], names)
+
+
+def _staged_script_task() -> Task:
+    obj = set_attempt_fields(
+        task_object(),
+        [
+            {"key": "type", "stringValue": "ShellCommandActivity"},
+            {"key": "scriptUri", "stringValue": "s3://scripts/run.sh"},
+            {"key": "stage", "stringValue": "true"},
+            {"key": "input", "refValue": "In"},
+        ],
+    )
+    obj["objects"]["In"] = {
+        "id": "In",
+        "name": "In",
+        "fields": [
+            {"key": "type", "stringValue": "S3DataNode"},
+            {"key": "filePath", "stringValue": "s3://data/in.csv"},
+        ],
+    }
+    return parse_task(obj)
+
+
+def test_scheduling_priority_and_pull_secrets_reach_the_pod() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}
+                ]
+            }
+        },
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 50,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {naming.LABEL_TASK_RUNNER: "etl"}},
+                    },
+                }
+            ]
+        },
+    }
+    spread = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {naming.LABEL_TASK_RUNNER: "etl"}},
+        }
+    ]
+    runner = _runner(
+        jobTemplate={
+            "image": "registry.example.com/etl/base:1.0",
+            "affinity": affinity,
+            "topologySpreadConstraints": spread,
+            "priorityClassName": "batch-low",
+            "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror-cred"}],
+        }
+    )
+    job = _render(_staged_script_task(), runner)
+    pod = _pod(job)
+    assert pod["affinity"] == affinity
+    assert pod["topologySpreadConstraints"] == spread
+    assert pod["priorityClassName"] == "batch-low"
+    # Pod-wide: the task's image and dptr's own are pulled with them.
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror-cred"}]
+    # The spread and anti-affinity select on labels the task pods really carry.
+    assert job["spec"]["template"]["metadata"]["labels"][naming.LABEL_TASK_RUNNER] == "etl"
+    # Copies, not the model's own dicts: a later edit of the pod leaves the runner alone.
+    pod["affinity"]["nodeAffinity"].clear()
+    assert runner.spec.job_template.affinity == affinity
+    assert_restricted(pod)
+    # Unset, none of them is in the pod (the pods' ServiceAccount may still add pull secrets).
+    plain = _pod(_render(_staged_script_task()))
+    assert not {"affinity", "topologySpreadConstraints", "priorityClassName", "imagePullSecrets"} & set(plain)
+
+
+def test_the_new_template_fields_are_checked_like_the_crd_does() -> None:
+    from pydantic import ValidationError
+
+    for bad in (
+        {"priorityClassName": ""},
+        {"priorityClassName": "Not_A_Name"},
+        {"imagePullSecrets": [{"name": ""}]},
+        {"imagePullSecrets": ["regcred"]},
+        {"affinity": []},
+        {"topologySpreadConstraints": {"maxSkew": 1}},
+    ):
+        with pytest.raises(ValidationError):
+            _runner(jobTemplate={"image": "x", **bad})
+
+
+def test_dptrs_containers_get_the_operators_sidecar_resources() -> None:
+    default = _containers(_render(_staged_script_task()))
+    for name in (SIDECAR_CONTAINER, "dptr-fetch-script", "dptr-stage-in"):
+        assert default[name]["resources"] == {
+            "requests": {"cpu": "10m", "memory": "64Mi"},
+            "limits": {"memory": "128Mi"},
+        }, name
+    given = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    runner = _runner(
+        jobTemplate={"image": "registry.example.com/etl/base:1.0", "resources": {"limits": {"memory": "2Gi"}}}
+    )
+    job = _render(_staged_script_task(), runner, sidecar_resources=given)
+    containers = _containers(job)
+    for name in (SIDECAR_CONTAINER, "dptr-fetch-script", "dptr-stage-in"):
+        assert containers[name]["resources"] == given, name
+    # The task's own are the template's, never the sidecar's.
+    assert containers[TASK_CONTAINER]["resources"] == {"limits": {"memory": "2Gi"}}
+    # One dict per container: editing one leaves the others (and the argument) alone.
+    pod = _pod(job)
+    pod["initContainers"][0]["resources"]["requests"]["cpu"] = "1"
+    assert given["requests"]["cpu"] == "50m"
+    assert pod["initContainers"][1]["resources"]["requests"]["cpu"] == "50m"
+    # An Exists check runs the sidecar's program in the task container: the same resources.
+    exists = set_attempt_fields(
+        task_object(),
+        [
+            {"key": "type", "stringValue": "Exists"},
+            {"key": "preconditionTimeout", "stringValue": "1 hours"},
+            {"key": "node", "refValue": "In"},
+        ],
+    )
+    exists["objects"]["In"] = {
+        "id": "In",
+        "name": "In",
+        "fields": [
+            {"key": "type", "stringValue": "S3DataNode"},
+            {"key": "filePath", "stringValue": "s3://data/in.csv"},
+        ],
+    }
+    check = _containers(_render(parse_task(exists), sidecar_resources=given))[TASK_CONTAINER]
+    assert check["command"] == ["dptr-sidecar", "check-exists"]
+    assert check["resources"] == given

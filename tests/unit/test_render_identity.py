@@ -125,3 +125,34 @@ def test_volume_types_are_the_administrators_call() -> None:
         assert refusal is not None and refusal.reason == "VolumeTypeNotAllowed", volume
     opened = TenancyPolicy(allow_any_worker_group=True, allowed_volume_types=frozenset({"hostPath"}))
     assert opened.check(runner({"hostPath": {"path": "/data"}})) is None
+
+
+def test_priority_classes_are_the_administrators_call() -> None:
+    from dptr_operator.config import parse_args
+    from dptr_operator.tenancy import TenancyPolicy
+
+    def runner(priority_class: str | None) -> TaskRunner:
+        template: dict[str, Any] = {"image": "busybox"}
+        if priority_class is not None:
+            template["priorityClassName"] = priority_class
+        return _runner(jobTemplate=template)
+
+    # None allowed by default: a higher priority preempts other tenants' pods.
+    policy = TenancyPolicy(allow_any_worker_group=True)
+    assert policy.check(runner(None)) is None
+    refusal = policy.check(runner("system-cluster-critical"))
+    assert refusal is not None and refusal.reason == "PriorityClassNotAllowed"
+    assert "system-cluster-critical" in refusal.message and "allows none" in refusal.message
+    assert "tenancy.allowedPriorityClasses" in refusal.message and "--allow-priority-class" in refusal.message
+    # The administrator's list, from the flags (or their env equivalent), exactly.
+    config = parse_args(
+        ["-n", "data", "--allow-any-worker-group", "--allow-priority-class", "batch-low"], env={}
+    )
+    assert config.tenancy.check(runner("batch-low")) is None
+    refusal = config.tenancy.check(runner("batch-high"))
+    assert refusal is not None and refusal.reason == "PriorityClassNotAllowed"
+    assert "allows batch-low " in refusal.message
+    from_env = parse_args(
+        ["-n", "data", "--allow-any-worker-group"], env={"DPTR_ALLOWED_PRIORITY_CLASSES": "a;batch-high"}
+    )
+    assert from_env.tenancy.check(runner("batch-high")) is None
