@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imported after the Lease: a standby replica stays small.
     import kopf
+    from kopf._core.engines.peering import Identity  # kopf.operator's type; not re-exported
 
     from dptr_operator.main import build_registry
     from dptr_operator.runtime import Operator
@@ -102,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 namespaces=config.namespaces,
                 stop_flag=stop_flag,
                 ready_flag=ready_flag,
+                # kopf would derive one from the process' user name, and a uid without a
+                # passwd entry (OpenShift's arbitrary uids, runAsUser in a distroless
+                # image) crashes getpass.getuser(); dptr already has one per replica.
+                identity=Identity(config.identity),
             )
         finally:
             ready_task.cancel()

@@ -57,8 +57,18 @@ class Helm:
         namespace: str = "dptr-system",
         sets: Sequence[str] = (),
         values: Any = None,
+        extra: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        args = ["template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+        args = [
+            "template",
+            release,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            KUBE_VERSION,
+            *extra,
+        ]
         for item in sets:
             args += ["--set", item]
         if values is None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dptr_testbed.controlplane import RunningTestbed
+from dptr_datapipeline import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, LocalDataPipeline
+from dptr_testbed.controlplane import RunningTestbed, free_port
 from dptr_testbed.waiting import wait_for
 
 from .conftest import CHART, REPO, Helm, unique
@@ -43,8 +44,13 @@ def test_value_set_applies_dry_run_server(
     service_monitor_crd: None,
 ) -> None:
     release_ns, a, b = make_namespace("t-chart-rel"), make_namespace("t-chart-a"), make_namespace("t-chart-b")
+    # What `helm install` applies; `helm test`'s hook (which needs its own account to exist
+    # first) runs for real in test_helm_test_checks_crds_operator_and_taskrunners.
     proc = bed_helm.template(
-        release=unique("dry"), namespace=release_ns, values=VALUE_SETS[name](release_ns, a, b)
+        release=unique("dry"),
+        namespace=release_ns,
+        values=VALUE_SETS[name](release_ns, a, b),
+        extra=["--skip-tests"],
     )
     assert proc.returncode == 0, proc.stderr
     rendered = [d for d in yaml.safe_load_all(proc.stdout) if d]
@@ -202,3 +208,106 @@ def test_install_cluster_wide_and_uninstall(
     _wait_gone(testbed, "clusterrole", full)
     _wait_gone(testbed, "clusterrolebinding", full)
     _wait_gone(testbed, "role", f"{full}-sidecar", a)
+
+
+def test_helm_test_checks_crds_operator_and_taskrunners(
+    bed_helm: Helm,
+    testbed: RunningTestbed,
+    crds: RunningTestbed,
+    make_namespace: Callable[..., str],
+    datapipeline: LocalDataPipeline,
+    tmp_path: Path,
+) -> None:
+    """`helm test` runs dptr-install-check in its own pod (the stand-in runs it): it fails
+    while the operator has no ready replica, and passes once it runs, with one TaskRunner
+    Ready and one Degraded (its Secret is missing) named with its reason."""
+    release = unique("ht")
+    full = f"{release}-dptr"
+    rel_ns, a = make_namespace("t-chart-rel"), make_namespace("t-chart-a")
+    testbed.kubectl(
+        "create", "secret", "generic", "dp-creds", "-n", a,
+        f"--from-literal=AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY_ID}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={DEFAULT_SECRET_ACCESS_KEY}",
+    )  # fmt: skip
+    job_template = {"image": "debian:bookworm", "nodeSelector": {"dptr.dev/test": "no-such-node"}}
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "operator": {
+                    "watch": {"namespaces": [a]},
+                    "credentialsSecretNames": ["dp-creds", "not-there"],
+                    # Pods of the stand-in share the host's network: a port of its own.
+                    "httpPort": free_port(),
+                },
+                "tenancy": {"allowedOverrides": ["endpointUrl"]},
+                "installCheck": {"timeoutSeconds": 5},
+                "taskRunners": [
+                    {
+                        "name": name,
+                        "namespace": a,
+                        "spec": {
+                            "workerGroup": f"wg-{name}-{release}",
+                            "endpointUrl": datapipeline.endpoint_url,
+                            "credentials": {"mode": "Secret", "secretRef": {"name": secret}},
+                            "jobTemplate": job_template,
+                        },
+                    }
+                    for name, secret in (("etl", "dp-creds"), ("broken", "not-there"))
+                ],
+            }
+        )
+    )
+    bed_helm.run("install", release, str(CHART), "-n", rel_ns, "--values", str(values))
+
+    # The operator's pod cannot start on the stand-in (no image entrypoint): helm test fails.
+    failed = bed_helm.run("test", release, "-n", rel_ns, "--logs", check=False)
+    assert failed.returncode != 0
+    assert f"FAIL  the operator Deployment {rel_ns}/{full} has 0/1 ready replicas" in failed.stdout, (
+        failed.stdout
+    )
+    assert "ok    the CRDs are served" in failed.stdout
+
+    # The image's ENTRYPOINT as the command, which the stand-in needs: now it runs.
+    testbed.kubectl(
+        "patch", "deployment", full, "-n", rel_ns, "--type=json",
+        "-p", '[{"op": "add", "path": "/spec/template/spec/containers/0/command", "value": ["dptr-operator"]}]',
+    )  # fmt: skip
+    wait_for(
+        lambda: (
+            testbed.kubectl("get", "deployment", full, "-n", rel_ns, "-o", "jsonpath={.status.readyReplicas}")
+            == "1"
+        ),
+        timeout=60,
+        interval=0.5,
+        what="the operator ready",
+    )
+    # Time for the operator to serve the TaskRunners (the patched command stays: helm's
+    # three-way merge keeps a live field the chart does not set).
+    bed_helm.run(
+        "upgrade",
+        release,
+        str(CHART),
+        "-n",
+        rel_ns,
+        "--reuse-values",
+        "--set",
+        "installCheck.timeoutSeconds=120",
+    )
+    assert "dptr-operator" in testbed.kubectl(
+        "get", "deployment", full, "-n", rel_ns, "-o", "jsonpath={.spec.template.spec.containers[0].command}"
+    )
+    passed = bed_helm.run("test", release, "-n", rel_ns, "--logs", "--timeout", "3m", check=False)
+    operator_log = testbed.kubectl("logs", f"deployment/{full}", "-n", rel_ns, "--tail=60", check=False)
+    assert passed.returncode == 0, passed.stdout + passed.stderr + "\n--- operator log ---\n" + operator_log
+    assert f"ok    TaskRunner {a}/etl is Ready" in passed.stdout
+    assert f"ok    TaskRunner {a}/broken is Degraded: " in passed.stdout
+    assert "dptr-install-check: 4/4 checks passed" in passed.stdout
+    # Passed: its account and Roles are gone (hook-succeeded); its pod stays for the logs.
+    _wait_gone(testbed, "role", f"{full}-install-check", a)
+    _wait_gone(testbed, "serviceaccount", f"{full}-install-check", rel_ns)
+    phase = testbed.kubectl(
+        "get", "pod", f"{full}-install-check", "-n", rel_ns, "-o", "jsonpath={.status.phase}"
+    )
+    assert phase == "Succeeded"
+    bed_helm.run("uninstall", release, "-n", rel_ns)

@@ -109,6 +109,7 @@ OPERATOR_LAYERS: list[set[str]] = [
         "health",
         "history",
         "index",
+        "installcheck",
         "leader",
         "metrics",
         "outcomes",

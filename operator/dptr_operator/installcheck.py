@@ -1,0 +1,151 @@
+"""``dptr-install-check``: what ``helm test`` runs (the chart's test hook).
+
+It checks, in this order, that an install works:
+
+1. the CRDs are served (API discovery lists ``taskrunners`` and ``pipelinetasks``);
+2. the operator's Deployment has a ready replica;
+3. each TaskRunner named is Ready, or Degraded with a reason (a TaskRunner that is
+   Degraded answers the question "is dptr installed": yes, and here is what is wrong
+   with this runner, which the operator's condition says).
+
+Each check is retried until ``--timeout``; it exits 0 when every check passes and 1 with
+one line per failure otherwise.  It needs only ``get`` on the Deployment and on the
+TaskRunners (the chart's test Role), and discovery, which every account has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dptr_common.kube import ApiError, KubeClient, NotFound, taskrunner_path
+
+__all__ = ["Check", "check_crds", "check_deployment", "check_taskrunner", "main"]
+
+GROUP_VERSION = "dptr.dev/v1alpha1"
+RESOURCES = ("taskrunners", "pipelinetasks")
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    message: str
+
+
+def check_crds(kube: KubeClient) -> Check:
+    try:
+        served = {r.get("name") for r in kube.get(f"/apis/{GROUP_VERSION}").get("resources") or []}
+    except NotFound:
+        return Check(False, f"the API server does not serve {GROUP_VERSION}: the CRDs are not installed")
+    missing = [r for r in RESOURCES if r not in served]
+    if missing:
+        return Check(False, f"{GROUP_VERSION} does not serve {', '.join(missing)}: a CRD is missing")
+    return Check(True, f"the CRDs are served ({', '.join(RESOURCES)}.dptr.dev)")
+
+
+def check_deployment(kube: KubeClient, namespace: str, name: str) -> Check:
+    try:
+        deployment = kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}")
+    except NotFound:
+        return Check(False, f"the operator Deployment {namespace}/{name} does not exist")
+    status = deployment.get("status") or {}
+    ready, wanted = (
+        int(status.get("readyReplicas") or 0),
+        int((deployment.get("spec") or {}).get("replicas", 1)),
+    )
+    if ready >= 1:
+        return Check(True, f"the operator Deployment {namespace}/{name} has {ready}/{wanted} ready replicas")
+    why = "; ".join(
+        f"{c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')}".strip()
+        for c in status.get("conditions") or []
+    )
+    return Check(
+        False,
+        f"the operator Deployment {namespace}/{name} has 0/{wanted} ready replicas"
+        + (f" ({why})" if why else ""),
+    )
+
+
+def check_taskrunner(kube: KubeClient, namespace: str, name: str) -> Check:
+    try:
+        runner = kube.get(taskrunner_path(namespace, name))
+    except NotFound:
+        return Check(False, f"TaskRunner {namespace}/{name} does not exist")
+    conditions = {c.get("type"): c for c in (runner.get("status") or {}).get("conditions") or []}
+    ready, degraded = conditions.get("Ready") or {}, conditions.get("Degraded") or {}
+    if ready.get("status") == "True":
+        return Check(True, f"TaskRunner {namespace}/{name} is Ready")
+    if degraded.get("status") == "True":
+        return Check(
+            True,
+            f"TaskRunner {namespace}/{name} is Degraded: {degraded.get('reason')}: {degraded.get('message', '')}".rstrip(
+                ": "
+            ),
+        )
+    if not conditions:
+        return Check(
+            False, f"TaskRunner {namespace}/{name} has no conditions: the operator has not served it"
+        )
+    return Check(
+        False,
+        f"TaskRunner {namespace}/{name} is neither Ready nor Degraded: {ready.get('reason')}: {ready.get('message', '')}",
+    )
+
+
+def _until(check: Callable[[], Check], deadline: float, interval: float) -> Check:
+    while True:
+        try:
+            result = check()
+        except ApiError as exc:
+            result = Check(False, f"the API answered {exc.status} {exc.reason}: {exc}")
+        if result.ok or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dptr-install-check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--namespace", required=True, help="the operator's (the release's) namespace")
+    parser.add_argument("--deployment", required=True, help="the operator Deployment's name")
+    parser.add_argument(
+        "--taskrunner",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="a TaskRunner to check (repeat)",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds each check may take to pass")
+    parser.add_argument("--kubeconfig", help="out of cluster (the test pod uses its own account)")
+    args = parser.parse_args(argv)
+    for item in args.taskrunner:
+        if item.count("/") != 1 or not all(item.split("/")):
+            parser.error(f"--taskrunner {item!r}: expected NAMESPACE/NAME")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    kube = KubeClient.from_kubeconfig(args.kubeconfig) if args.kubeconfig else KubeClient.from_env()
+    deadline = time.monotonic() + args.timeout
+    checks: list[Callable[[], Check]] = [
+        lambda: check_crds(kube),
+        lambda: check_deployment(kube, args.namespace, args.deployment),
+    ]
+    for item in args.taskrunner:
+        namespace, name = item.split("/")
+        checks.append(functools.partial(check_taskrunner, kube, namespace, name))
+    failed = 0
+    for check in checks:
+        result = _until(check, deadline, interval=2.0)
+        print(("ok    " if result.ok else "FAIL  ") + result.message, flush=True)
+        failed += not result.ok
+    print(f"dptr-install-check: {len(checks) - failed}/{len(checks)} checks passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
