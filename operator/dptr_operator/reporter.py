@@ -267,5 +267,6 @@ class Reporter:
         self.services.metrics.fallback_reports.labels(
             entry.namespace, entry.runner, claim.error_id or claim.status
         ).inc()
+        self.services.metrics.fallback_outcomes.labels(entry.namespace, entry.runner).inc()
         self.task_finished(entry, phase, claim.status)
         return True
