@@ -425,3 +425,137 @@ def test_the_install_check_may_read_only_what_it_checks(helm: Helm) -> None:
     alone = [d for d in helm.render(release="rel") if _is_test_hook(d) and d["kind"] == "Role"]
     assert [r["resources"] for r in alone[0]["rules"]] == [["deployments"]] and len(alone) == 1
     assert not [d for d in helm.render(values={"installCheck": {"enabled": False}}) if _is_test_hook(d)]
+
+
+_RUNNER = [
+    "taskRunners[0].name=etl",
+    "taskRunners[0].spec.workerGroup=wg",
+    "taskRunners[0].spec.jobTemplate.image=x",
+]
+
+
+@pytest.mark.parametrize(
+    ("typo", "path", "field"),
+    [
+        ("taskRunners[0].spec.workerGrop=wg", "/taskRunners/0/spec", "workerGrop"),
+        ("taskRunners[0].spec.jobTemplate.affinty.nodeAffinity=null", "/taskRunners/0/spec/jobTemplate", "affinty"),
+        (
+            "taskRunners[0].spec.jobTemplate.affinity.nodeAffinity.requiredDuringScheduling=x",
+            "/taskRunners/0/spec/jobTemplate/affinity/nodeAffinity",
+            "requiredDuringScheduling",
+        ),
+        ("taskRunners[0].spec.jobTemplate.imagePullSecrets[0].nmae=regcred", "/taskRunners/0/spec/jobTemplate/imagePullSecrets/0", "nmae"),
+        ("taskRunners[0].spec.heartbeat.budget=5", "/taskRunners/0/spec/heartbeat", "budget"),
+        ("taskRunners[0].spec.credentials.secretRef.nam=x", "/taskRunners/0/spec/credentials/secretRef", "nam"),
+    ],
+)  # fmt: skip
+def test_a_typo_in_a_declared_task_runner_is_refused_with_its_path(
+    helm: Helm, typo: str, path: str, field: str
+) -> None:
+    """values.schema.json describes taskRunners[].spec as the CRD does: an unknown field is
+    an error at `helm install`, where the API server would have pruned it."""
+    proc = helm.template(sets=[*_RUNNER, typo])
+    assert proc.returncode != 0, proc.stdout[:2000]
+    assert f"at '{path}': additional properties '{field}' not allowed" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "path"),
+    [
+        (["taskRunners[0].spec.jobTemplate.priorityClassName=Not_A_Name"], "/taskRunners/0/spec/jobTemplate/priorityClassName"),
+        (["taskRunners[0].spec.maxConcurrentTasks=0"], "/taskRunners/0/spec/maxConcurrentTasks"),
+        (["taskRunners[0].spec.heartbeat.budgetPerSecond=0"], "/taskRunners/0/spec/heartbeat/budgetPerSecond"),
+        (["taskRunners[0].spec.credentials.mode=Keys"], "/taskRunners/0/spec/credentials/mode"),
+        (["taskRunners[0].spec.jobTemplate.topologySpreadConstraints[0].maxSkew=1"], "/taskRunners/0/spec/jobTemplate/topologySpreadConstraints/0"),
+    ],
+)  # fmt: skip
+def test_a_declared_task_runners_values_are_checked_as_the_crd_does(
+    helm: Helm, sets: list[str], path: str
+) -> None:
+    proc = helm.template(sets=[*_RUNNER, *sets])
+    assert proc.returncode != 0, proc.stdout[:2000]
+    assert f"at '{path}'" in proc.stderr, proc.stderr
+
+
+def test_a_task_runner_with_scheduling_fields_renders_as_given(helm: Helm) -> None:
+    job_template = {
+        "image": "registry.example.com/etl/base:1.0",
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}
+                    ]
+                }
+            },
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 50,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"dptr.dev/task-runner": "etl"}},
+                        },
+                    }
+                ]
+            },
+        },
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"dptr.dev/task-runner": "etl"}},
+            }
+        ],
+        "priorityClassName": "batch-low",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "volumes": [{"name": "logs", "persistentVolumeClaim": {"claimName": "etl-logs"}}],
+        "volumeMounts": [{"name": "logs", "mountPath": "/var/log/etl"}],
+    }
+    values = {
+        "tenancy": {"allowedPriorityClasses": ["batch-low"]},
+        "taskRunners": [{"name": "etl", "spec": {"workerGroup": "wg-etl", "jobTemplate": job_template}}],
+    }
+    docs = helm.render(values=values)
+    (runner,) = _by_kind(docs, "TaskRunner")
+    assert runner["spec"]["jobTemplate"] == job_template
+    assert "--allow-priority-class=batch-low" in _container(docs)["args"]
+
+
+def test_sidecar_values_become_the_operators_flags(helm: Helm) -> None:
+    from dptr_operator.config import parse_args
+
+    args = _container(helm.render())["args"]
+    (resources,) = [a for a in args if a.startswith("--sidecar-resources=")]
+    assert "--sidecar-log-level=INFO" in args
+    # The chart's defaults are the operator's own: task pods are as they were.
+    assert (
+        parse_args(["-n", "x", resources], env={}).sidecar_resources
+        == parse_args(["-n", "x"], env={}).sidecar_resources
+    )
+    values = {
+        "sidecar": {
+            "resources": {"requests": {"cpu": "50m"}, "limits": {"memory": None}},
+            "logLevel": "DEBUG",
+        }
+    }
+    args = _container(helm.render(values=values))["args"]
+    (resources,) = [a for a in args if a.startswith("--sidecar-resources=")]
+    config = parse_args(["-n", "x", resources, "--sidecar-log-level=DEBUG"], env={})
+    assert config.sidecar_resources.to_k8s() == {"requests": {"cpu": "50m", "memory": "64Mi"}}
+    assert "--sidecar-log-level=DEBUG" in args
+    assert config.sidecar_container_env["DPTR_LOG_LEVEL"] == "DEBUG"
+
+
+def test_the_values_schema_describes_task_runners_as_the_crd_does() -> None:
+    """charts/dptr/values.schema.json's taskRunners[].spec is generated from the CRD."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "generate-values-schema.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        proc.stderr + "\nrun: .venv/bin/python scripts/generate-values-schema.py\n" + proc.stdout[-4000:]
+    )
