@@ -16,7 +16,6 @@ from dptr_common.datapipeline import DataPipelineError, TaskGone
 from dptr_common.delivery import deliver
 from dptr_common.errors import Outcome
 from dptr_common.kube import ApiError, NotFound, job_path
-from dptr_common.logformat import log_context
 from dptr_operator.events import pipeline_task_ref
 from dptr_operator.index import TaskEntry
 from dptr_operator.outcomes import assess_job
@@ -53,8 +52,7 @@ class Reporter:
             return False
         entry.busy = True
         try:
-            with log_context(**entry.log_fields()):
-                return self._report(entry, outcome, cause=cause, stop_job=stop_job, probe=probe)
+            return self._report(entry, outcome, cause=cause, stop_job=stop_job, probe=probe)
         finally:
             entry.busy = False
 
@@ -85,11 +83,6 @@ class Reporter:
             self.services.kube.delete(job_path(entry.namespace, name), propagation_policy="Background")
 
     def cancel(self, entry: TaskEntry, *, reason: str, message: str, over_own_claim: bool = False) -> None:
-        """Data Pipeline canceled the task: see :meth:`_cancel`."""
-        with log_context(**entry.log_fields()):
-            self._cancel(entry, reason=reason, message=message, over_own_claim=over_own_claim)
-
-    def _cancel(self, entry: TaskEntry, *, reason: str, message: str, over_own_claim: bool = False) -> None:
         """Data Pipeline canceled the task (or forgot it): record Canceled, then delete the Job,
         and never call SetTaskStatus.
 
@@ -274,6 +267,5 @@ class Reporter:
         self.services.metrics.fallback_reports.labels(
             entry.namespace, entry.runner, claim.error_id or claim.status
         ).inc()
-        self.services.metrics.fallback_outcomes.labels(entry.namespace, entry.runner).inc()
         self.task_finished(entry, phase, claim.status)
         return True
