@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             renew=config.lease_renew_seconds,
             on_lost=lost,
         )
+        leader = elector
+        metrics.lease_transitions.set_function(lambda: float(leader.transitions))
         if not elector.acquire(stop):
             return 0
         elector.start_renewing()

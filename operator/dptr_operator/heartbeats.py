@@ -31,6 +31,7 @@ from typing import NamedTuple
 from dptr_common import ledger
 from dptr_common.datapipeline import CredentialsError, DataPipelineError, TaskGone
 from dptr_common.kube import ApiError, NotFound, pipelinetask_path
+from dptr_common.logformat import log_context
 from dptr_common.pacing import DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS, full_jitter_delay, jittered
 from dptr_operator.events import pipeline_task_ref
 from dptr_operator.index import TaskEntry, TaskKey
@@ -263,6 +264,11 @@ class HeartbeatScheduler:
     # ------------------------------------------------------------------ one heartbeat
 
     def _beat(self, key: TaskKey) -> None:
+        entry = self.services.index.get(key)
+        with log_context(**(entry.log_fields() if entry is not None else {})):
+            self._beat_task(key)
+
+    def _beat_task(self, key: TaskKey) -> None:
         entry = self.services.index.get(key)
         if entry is None or entry.terminal or entry.busy:
             if entry is not None and entry.busy:

@@ -86,6 +86,16 @@ class TaskEntry:
     #: The task's end was counted in the metrics and its runner's counts (not persisted).
     counted: bool = False
 
+    def log_fields(self) -> dict[str, str | None]:
+        """What JSON log lines about this task carry (dptr_common.logformat.log_context),
+        the same fields dispatch sets."""
+        return {
+            "taskrunner": f"{self.namespace}/{self.runner}",
+            "pipeline": self.pipeline_id or None,
+            "attempt": self.attempt_id or None,
+            "task": self.name or None,
+        }
+
     @property
     def key(self) -> TaskKey:
         return (self.namespace, self.name)

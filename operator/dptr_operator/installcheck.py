@@ -53,19 +53,26 @@ def check_deployment(kube: KubeClient, namespace: str, name: str) -> Check:
     except NotFound:
         return Check(False, f"the operator Deployment {namespace}/{name} does not exist")
     status = deployment.get("status") or {}
-    ready, wanted = (
-        int(status.get("readyReplicas") or 0),
-        int((deployment.get("spec") or {}).get("replicas", 1)),
-    )
-    if ready >= 1:
-        return Check(True, f"the operator Deployment {namespace}/{name} has {ready}/{wanted} ready replicas")
+    spec_replicas = int((deployment.get("spec") or {}).get("replicas", 1))
+    ready, updated = int(status.get("readyReplicas") or 0), int(status.get("updatedReplicas") or 0)
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    # A ready pod of the old ReplicaSet during a broken rollout is not a working install:
+    # the controller must have seen this generation, and a pod of it must be ready.
+    if ready >= 1 and updated >= 1 and observed >= generation:
+        return Check(
+            True, f"the operator Deployment {namespace}/{name} has {ready}/{spec_replicas} ready replicas"
+        )
     why = "; ".join(
         f"{c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')}".strip()
         for c in status.get("conditions") or []
     )
+    if ready >= 1:
+        what = f"{updated} of them of its current spec (generation {generation}, observed {observed})"
+        return Check(False, f"the operator Deployment {namespace}/{name} has {ready} ready replicas, {what}")
     return Check(
         False,
-        f"the operator Deployment {namespace}/{name} has 0/{wanted} ready replicas"
+        f"the operator Deployment {namespace}/{name} has 0/{spec_replicas} ready replicas"
         + (f" ({why})" if why else ""),
     )
 
@@ -75,21 +82,29 @@ def check_taskrunner(kube: KubeClient, namespace: str, name: str) -> Check:
         runner = kube.get(taskrunner_path(namespace, name))
     except NotFound:
         return Check(False, f"TaskRunner {namespace}/{name} does not exist")
-    conditions = {c.get("type"): c for c in (runner.get("status") or {}).get("conditions") or []}
+    status = runner.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
     ready, degraded = conditions.get("Ready") or {}, conditions.get("Degraded") or {}
-    if ready.get("status") == "True":
-        return Check(True, f"TaskRunner {namespace}/{name} is Ready")
     if degraded.get("status") == "True":
-        return Check(
-            True,
-            f"TaskRunner {namespace}/{name} is Degraded: {degraded.get('reason')}: {degraded.get('message', '')}".rstrip(
-                ": "
-            ),
-        )
+        reason = f"{degraded.get('reason')}: {degraded.get('message', '')}".rstrip(": ")
+        return Check(True, f"TaskRunner {namespace}/{name} is Degraded: {reason}")
     if not conditions:
         return Check(
             False, f"TaskRunner {namespace}/{name} has no conditions: the operator has not served it"
         )
+    generation = int((runner.get("metadata") or {}).get("generation") or 0)
+    if int(status.get("observedGeneration") or 0) < generation:
+        return Check(
+            False, f"TaskRunner {namespace}/{name}: the operator has not seen generation {generation} yet"
+        )
+    if ready.get("status") == "True":
+        # Ready is True before the first poll too: only an answered poll shows the
+        # credentials, the endpoint and the worker group work.
+        if not status.get("lastPollTime"):
+            return Check(
+                False, f"TaskRunner {namespace}/{name} is Ready but has not polled Data Pipeline yet"
+            )
+        return Check(True, f"TaskRunner {namespace}/{name} is Ready (last poll {status['lastPollTime']})")
     return Check(
         False,
         f"TaskRunner {namespace}/{name} is neither Ready nor Degraded: {ready.get('reason')}: {ready.get('message', '')}",
@@ -130,7 +145,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     kube = KubeClient.from_kubeconfig(args.kubeconfig) if args.kubeconfig else KubeClient.from_env()
-    deadline = time.monotonic() + args.timeout
     checks: list[Callable[[], Check]] = [
         lambda: check_crds(kube),
         lambda: check_deployment(kube, args.namespace, args.deployment),
@@ -140,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks.append(functools.partial(check_taskrunner, kube, namespace, name))
     failed = 0
     for check in checks:
-        result = _until(check, deadline, interval=2.0)
+        result = _until(check, time.monotonic() + args.timeout, interval=2.0)
         print(("ok    " if result.ok else "FAIL  ") + result.message, flush=True)
         failed += not result.ok
     print(f"dptr-install-check: {len(checks) - failed}/{len(checks)} checks passed", flush=True)

@@ -79,6 +79,9 @@ class LeaderElector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.leading = False
+        #: The Lease's leaseTransitions as last read (how often its holder changed, cluster
+        #: wide: dptr_lease_transitions).
+        self.transitions = 0
 
     def _try(self) -> bool:
         now = datetime.now(UTC)
@@ -98,6 +101,7 @@ class LeaderElector:
             except Conflict:
                 return False
         spec = lease.get("spec") or {}
+        self.transitions = int(spec.get("leaseTransitions") or 0)
         if not lease_is_free(spec, self.identity, now):
             return False
         mine = spec.get("holderIdentity") == self.identity
@@ -107,9 +111,10 @@ class LeaderElector:
             lease["spec"]["acquireTime"] = spec["acquireTime"]
         try:
             self.kube.replace(path, lease)
-            return True
         except Conflict:
             return False
+        self.transitions = transitions
+        return True
 
     def _spec(self, now: datetime, *, acquire: bool, transitions: int) -> dict[str, Any]:
         spec: dict[str, Any] = {

@@ -11,7 +11,6 @@ TaskRunner's series disappear with it instead of freezing at their last value.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import platform
 import threading
@@ -39,6 +38,16 @@ PHASES = ("Pending", "Running", "Succeeded", "Failed", "Canceled")
 #: ``dptr_task_outcomes_total``'s ``status``: what Data Pipeline was told (SetTaskStatus'
 #: taskStatus), or ``canceled`` when it canceled the task and nothing was reported.
 OUTCOME_STATUSES = ("FINISHED", "FAILED", "FALSE", "canceled")
+#: Why a SetTaskStatus can fail (dptr_common.datapipeline's error reasons).
+SET_TASK_STATUS_REASONS = (
+    "Throttled",
+    "TransientError",
+    "EndpointUnreachable",
+    "InvalidCredentials",
+    "InvalidRequest",
+    "TaskGone",
+    "DataPipelineError",
+)
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,13 @@ class Metrics:
             [*labels, "error_id"],
             registry=r,
         )
+        self.fallback_outcomes = Counter(
+            "dptr_operator_outcomes_total",
+            "Outcomes the operator reported itself, per TaskRunner (from 0: what alerts"
+            " count; dptr_operator_reports_total has them by errorId).",
+            labels,
+            registry=r,
+        )
         self.poll_duration = Histogram(
             "dptr_poll_duration_seconds",
             "PollForTask call duration (long polls included), by result (task, empty, error).",
@@ -179,6 +195,9 @@ class Metrics:
             ["operation", "reason"],
             registry=r,
         )
+        # From 0, so an alert sees the first failure as an increase.
+        for reason in SET_TASK_STATUS_REASONS:
+            self.api_errors.labels("SetTaskStatus", reason)
         self.api_throttled = Counter(
             "dptr_api_throttled_total",
             "Data Pipeline answers that were throttling errors, by operation; each try counts,"
@@ -205,14 +224,13 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("dptr_leader", "1 while this replica holds the leader Lease.", registry=r)
-        self.leader_transitions = Counter(
-            "dptr_leader_transitions_total",
-            "Times this replica became leader (acquired) or stopped being it (lost).",
-            ["transition"],
+        self.lease_transitions = Gauge(
+            "dptr_lease_transitions",
+            "The leader Lease's leaseTransitions as this replica last read it: how often the"
+            " leader changed, cluster wide (a restarted leader that takes its own Lease back"
+            " is not a change).",
             registry=r,
         )
-        for transition in ("acquired", "lost"):
-            self.leader_transitions.labels(transition)
         self.status_writes_pending = Gauge(
             "dptr_status_writes_pending",
             "PipelineTasks with a heartbeat record queued for the API server (grows when it lags).",
@@ -225,17 +243,9 @@ class Metrics:
         """Start a TaskRunner's counters at 0, so the first poll and outcome show as an
         increase (a labelled counter otherwise appears on its first inc, at 1)."""
         self.tasks_polled.labels(namespace, name)
+        self.fallback_outcomes.labels(namespace, name)
         for status in OUTCOME_STATUSES:
             self.task_outcomes.labels(namespace, name, status)
-
-    def runner_removed(self, namespace: str, name: str) -> None:
-        """Drop a deleted TaskRunner's pre-made series (those with other labels stay:
-        they are counters, and their labels cannot be listed through the client's API)."""
-        with contextlib.suppress(KeyError):
-            self.tasks_polled.remove(namespace, name)
-        for status in OUTCOME_STATUSES:
-            with contextlib.suppress(KeyError):
-                self.task_outcomes.remove(namespace, name, status)
 
     def runner_state(self, source: Callable[[], Iterable[RunnerSample]]) -> None:
         """Export each TaskRunner's state from ``source`` at every scrape (one source)."""

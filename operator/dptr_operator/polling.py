@@ -45,7 +45,7 @@ from dptr_operator.events import task_runner_ref
 from dptr_operator.services import Services
 from dptr_operator.tenancy import Refusal, task_account_refusal
 
-__all__ = ["Dispatch", "RunnerWorker", "StatusRequest", "conditions_for"]
+__all__ = ["Dispatch", "RunnerWorker", "StatusRequest", "conditions_for", "runner_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ class RunnerHealth:
 
 def _condition(type_: str, status: bool, reason: str, message: str) -> dict[str, Any]:
     return {"type": type_, "status": "True" if status else "False", "reason": reason, "message": message}
+
+
+def runner_ready(health: RunnerHealth, *, deleting: bool) -> bool:
+    """The Ready condition's status (also dptr_taskrunner_ready)."""
+    return health.refusal is None and not health.degraded_reason and not health.terminated and not deleting
 
 
 def conditions_for(
@@ -105,7 +110,7 @@ def conditions_for(
         degraded = _condition("Degraded", True, "HeartbeatBudgetExceeded", health.budget_message)
     else:
         degraded = _condition("Degraded", False, "Healthy", "")
-    healthy = not health.degraded_reason and not health.terminated and not deleting
+    healthy = runner_ready(health, deleting=deleting)
     ready = _condition(
         "Ready",
         healthy,

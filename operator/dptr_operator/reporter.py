@@ -16,6 +16,7 @@ from dptr_common.datapipeline import DataPipelineError, TaskGone
 from dptr_common.delivery import deliver
 from dptr_common.errors import Outcome
 from dptr_common.kube import ApiError, NotFound, job_path
+from dptr_common.logformat import log_context
 from dptr_operator.events import pipeline_task_ref
 from dptr_operator.index import TaskEntry
 from dptr_operator.outcomes import assess_job
@@ -52,7 +53,8 @@ class Reporter:
             return False
         entry.busy = True
         try:
-            return self._report(entry, outcome, cause=cause, stop_job=stop_job, probe=probe)
+            with log_context(**entry.log_fields()):
+                return self._report(entry, outcome, cause=cause, stop_job=stop_job, probe=probe)
         finally:
             entry.busy = False
 
@@ -83,6 +85,11 @@ class Reporter:
             self.services.kube.delete(job_path(entry.namespace, name), propagation_policy="Background")
 
     def cancel(self, entry: TaskEntry, *, reason: str, message: str, over_own_claim: bool = False) -> None:
+        """Data Pipeline canceled the task: see :meth:`_cancel`."""
+        with log_context(**entry.log_fields()):
+            self._cancel(entry, reason=reason, message=message, over_own_claim=over_own_claim)
+
+    def _cancel(self, entry: TaskEntry, *, reason: str, message: str, over_own_claim: bool = False) -> None:
         """Data Pipeline canceled the task (or forgot it): record Canceled, then delete the Job,
         and never call SetTaskStatus.
 
@@ -267,5 +274,6 @@ class Reporter:
         self.services.metrics.fallback_reports.labels(
             entry.namespace, entry.runner, claim.error_id or claim.status
         ).inc()
+        self.services.metrics.fallback_outcomes.labels(entry.namespace, entry.runner).inc()
         self.task_finished(entry, phase, claim.status)
         return True

@@ -3,6 +3,7 @@ each task gets from its runner's plan, and which runners' statuses are due a wri
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -12,10 +13,15 @@ from dptr_common.models import TaskRunner
 from dptr_common.pacing import DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS, HeartbeatPlan, heartbeat_interval
 from dptr_operator.index import TaskEntry, TaskKey
 from dptr_operator.metrics import RunnerSample
-from dptr_operator.polling import Dispatch, RunnerWorker
+from dptr_operator.polling import Dispatch, RunnerWorker, runner_ready
 from dptr_operator.services import Services
 
-__all__ = ["Runners"]
+__all__ = ["ACK_WINDOW_SECONDS", "Runners"]
+
+log = logging.getLogger(__name__)
+
+#: Protocol seconds Data Pipeline waits for the first ReportTaskProgress of a polled task.
+ACK_WINDOW_SECONDS = 120
 
 
 class Runners:
@@ -57,10 +63,9 @@ class Runners:
 
     def remove(self, key: TaskKey) -> RunnerWorker | None:
         with self._lock:
-            worker = self._workers.pop(key, None)
-        if worker is not None:
-            self.services.metrics.runner_removed(*key)
-        return worker
+            # Its counters stay: dropped now, the outcomes just reported for its last tasks
+            # could vanish before Prometheus scraped them (and the alerts with them).
+            return self._workers.pop(key, None)
 
     def stop_all(self) -> None:
         for worker in self.all():
@@ -104,48 +109,62 @@ class Runners:
     # ------------------------------------------------------------------ metrics
 
     def samples(self) -> list[RunnerSample]:
-        """Each TaskRunner's state for /metrics (read at scrape time)."""
-        index = self.services.index
+        """Each TaskRunner's state for /metrics (read at scrape time: one pass over the
+        index, and a runner whose state cannot be read is left out, not the scrape)."""
         config = self.services.config
         mono, wall = time.monotonic(), datetime.now(UTC)
+        by_runner: dict[TaskKey, list[TaskEntry]] = {}
+        for entry in self.services.index:
+            by_runner.setdefault(entry.runner_key, []).append(entry)
         rows = []
         for worker in self.all():
-            entries = index.for_runner(worker.key)
-            oldest, ratio = 0.0, 0.0
-            for entry in entries:
-                if entry.terminal:
-                    continue
-                if entry.heartbeat_seen is not None:
-                    age = mono - entry.heartbeat_seen
-                elif entry.created_at is not None:
-                    age = (wall - entry.created_at).total_seconds()  # polled, never acknowledged
-                else:
-                    continue
-                # The operator's clock runs --time-scale times faster than the protocol's:
-                # the gauge is in protocol seconds, like reportProgressTimeout.
-                age = max(age, 0.0) / config.time_scale
-                oldest = max(oldest, age)
-                timeout = entry.report_progress_timeout or DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS
-                ratio = max(ratio, age / timeout)
-            status = worker.desired_status()
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
-            last = worker.last_poll_time
-            rows.append(
-                RunnerSample(
-                    namespace=worker.namespace,
-                    name=worker.name,
-                    ready=ready,
-                    paused=bool(worker.spec.paused),
-                    capacity=int(worker.spec.max_concurrent_tasks),
-                    active=int(status["active"]),
-                    heartbeat_interval=float(worker.plan.interval_seconds),
-                    phases=dict(Counter(e.phase for e in entries)),
-                    oldest_heartbeat_age=oldest,
-                    heartbeat_age_ratio=ratio,
-                    last_successful_poll=last.timestamp() if last is not None else None,
+            try:
+                rows.append(
+                    self._sample(worker, by_runner.get(worker.key, []), mono, wall, config.time_scale)
                 )
-            )
+            except Exception:
+                log.exception("%s/%s: reading its state for /metrics failed", worker.namespace, worker.name)
         return rows
+
+    @staticmethod
+    def _sample(
+        worker: RunnerWorker, entries: list[TaskEntry], mono: float, wall: datetime, time_scale: float
+    ) -> RunnerSample:
+        oldest, ratio = 0.0, 0.0
+        for entry in entries:
+            if entry.terminal:
+                continue
+            if entry.heartbeat_seen is not None:
+                age = mono - entry.heartbeat_seen
+            elif entry.created_at is not None:
+                age = (wall - entry.created_at).total_seconds()  # polled, never heartbeated
+            else:
+                continue
+            # The operator's clock runs --time-scale times faster than the protocol's:
+            # the gauges are in protocol seconds, like reportProgressTimeout.
+            age = max(age, 0.0) / time_scale
+            oldest = max(oldest, age)
+            if entry.acknowledged:
+                timeout = entry.report_progress_timeout or DEFAULT_REPORT_PROGRESS_TIMEOUT_SECONDS
+            else:
+                timeout = ACK_WINDOW_SECONDS  # Data Pipeline gives an unacknowledged task away sooner
+            ratio = max(ratio, age / timeout)
+        active = worker.active()
+        ready = runner_ready(worker.health, deleting=worker.deleting)
+        last = worker.last_poll_time
+        return RunnerSample(
+            namespace=worker.namespace,
+            name=worker.name,
+            ready=ready,
+            paused=bool(worker.spec.paused),
+            capacity=int(worker.spec.max_concurrent_tasks),
+            active=active,
+            heartbeat_interval=float(worker.plan.interval_seconds),
+            phases=dict(Counter(e.phase for e in entries)),
+            oldest_heartbeat_age=oldest,
+            heartbeat_age_ratio=ratio,
+            last_successful_poll=last.timestamp() if last is not None else None,
+        )
 
     # ------------------------------------------------------------------ the sweep
 

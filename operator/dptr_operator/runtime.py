@@ -99,7 +99,6 @@ class Operator:
     def start(self) -> None:
         self.services.leading.set()
         self.metrics.leader.set(1)
-        self.metrics.leader_transitions.labels("acquired").inc()
         self.health.leader = True
         self.health.standby = False
         self.rebuild()
@@ -109,8 +108,6 @@ class Operator:
 
     def stop(self) -> None:
         self._stop.set()
-        if self.services.leading.is_set():
-            self.metrics.leader_transitions.labels("lost").inc()
         self.services.leading.clear()
         self.metrics.leader.set(0)
         self.runners.stop_all()

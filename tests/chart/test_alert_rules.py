@@ -16,7 +16,7 @@ from dptr_testbed.prometheus import promtool, rule_groups
 from .conftest import Helm
 
 ALERT_TESTS = Path(__file__).parent / "alerts" / "dptr-alerts.test.yaml"
-ENABLED = ["metrics.prometheusRule.enabled=true"]
+ENABLED = ["metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.enabled=true"]
 
 
 def _rules(helm: Helm, *sets: str, values: Any = None) -> dict[str, Any]:

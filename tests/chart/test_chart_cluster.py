@@ -89,7 +89,7 @@ def test_install_upgrade_uninstall(
     # -- install: serve namespace a
     v1 = values("v1.yaml", {"operator": {"watch": {"namespaces": [a]}}})
     proc = bed_helm.run("install", release, str(CHART), "-n", rel_ns, "--values", v1)
-    assert "kubectl apply --server-side -f charts/dptr/crds/" in proc.stdout  # NOTES
+    assert "kubectl apply --server-side --force-conflicts -f charts/dptr/crds/" in proc.stdout  # NOTES
     assert f"The operator serves the namespaces: {a}." in proc.stdout
     present = [
         ("deployment", full, rel_ns), ("serviceaccount", full, rel_ns), ("service", f"{full}-metrics", rel_ns),
@@ -224,18 +224,19 @@ def test_helm_test_checks_crds_operator_and_taskrunners(
     release = unique("ht")
     full = f"{release}-dptr"
     rel_ns, a = make_namespace("t-chart-rel"), make_namespace("t-chart-a")
-    testbed.kubectl(
-        "create", "secret", "generic", "dp-creds", "-n", a,
-        f"--from-literal=AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY_ID}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={DEFAULT_SECRET_ACCESS_KEY}",
-    )  # fmt: skip
+    for ns in (a, rel_ns):
+        testbed.kubectl(
+            "create", "secret", "generic", "dp-creds", "-n", ns,
+            f"--from-literal=AWS_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY_ID}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={DEFAULT_SECRET_ACCESS_KEY}",
+        )  # fmt: skip
     job_template = {"image": "debian:bookworm", "nodeSelector": {"dptr.dev/test": "no-such-node"}}
     values = tmp_path / "values.yaml"
     values.write_text(
         yaml.safe_dump(
             {
                 "operator": {
-                    "watch": {"namespaces": [a]},
+                    "watch": {"namespaces": [a, rel_ns]},
                     "credentialsSecretNames": ["dp-creds", "not-there"],
                     # Pods of the stand-in share the host's network: a port of its own.
                     "httpPort": free_port(),
@@ -254,6 +255,18 @@ def test_helm_test_checks_crds_operator_and_taskrunners(
                         },
                     }
                     for name, secret in (("etl", "dp-creds"), ("broken", "not-there"))
+                ]
+                # One in the release namespace too: its Role is the Deployment's as well.
+                + [
+                    {
+                        "name": "local",
+                        "spec": {
+                            "workerGroup": f"wg-local-{release}",
+                            "endpointUrl": datapipeline.endpoint_url,
+                            "credentials": {"mode": "Secret", "secretRef": {"name": "dp-creds"}},
+                            "jobTemplate": job_template,
+                        },
+                    }
                 ],
             }
         )
@@ -300,9 +313,10 @@ def test_helm_test_checks_crds_operator_and_taskrunners(
     passed = bed_helm.run("test", release, "-n", rel_ns, "--logs", "--timeout", "3m", check=False)
     operator_log = testbed.kubectl("logs", f"deployment/{full}", "-n", rel_ns, "--tail=60", check=False)
     assert passed.returncode == 0, passed.stdout + passed.stderr + "\n--- operator log ---\n" + operator_log
-    assert f"ok    TaskRunner {a}/etl is Ready" in passed.stdout
-    assert f"ok    TaskRunner {a}/broken is Degraded: " in passed.stdout
-    assert "dptr-install-check: 4/4 checks passed" in passed.stdout
+    assert f"ok    TaskRunner {a}/etl is Ready (last poll " in passed.stdout
+    assert f"ok    TaskRunner {a}/broken is Degraded: InvalidCredentials" in passed.stdout
+    assert f"ok    TaskRunner {rel_ns}/local is Ready (last poll " in passed.stdout
+    assert "dptr-install-check: 5/5 checks passed" in passed.stdout
     # Passed: its account and Roles are gone (hook-succeeded); its pod stays for the logs.
     _wait_gone(testbed, "role", f"{full}-install-check", a)
     _wait_gone(testbed, "serviceaccount", f"{full}-install-check", rel_ns)

@@ -370,18 +370,38 @@ def test_the_install_check_may_read_only_what_it_checks(helm: Helm) -> None:
     runners = [
         {"name": "etl", "namespace": NS_A, "spec": {"workerGroup": "wg", "jobTemplate": {"image": "x"}}},
         {"name": "nightly", "namespace": NS_A, "spec": {"workerGroup": "wg2", "jobTemplate": {"image": "x"}}},
+        # In the release namespace: its rule joins the Deployment's in one Role (two hooks
+        # of one name would replace each other).
+        {"name": "local", "spec": {"workerGroup": "wg3", "jobTemplate": {"image": "x"}}},
     ]
     docs = helm.render(
-        release="rel", values={"operator": {"watch": {"namespaces": [NS_A]}}, "taskRunners": runners}
+        release="rel",
+        values={
+            "operator": {"watch": {"namespaces": [NS_A, "dptr-system"]}, "nodeSelector": {"pool": "system"}},
+            "taskRunners": runners,
+        },
     )
     hooks = [d for d in docs if _is_test_hook(d)]
-    assert {(d["kind"], d["metadata"]["namespace"]) for d in hooks} == {
+    kinds = [(d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]) for d in hooks]
+    assert len(kinds) == len(set(kinds)), kinds
+    assert {(k, ns) for k, ns, _ in kinds} == {
         ("ServiceAccount", "dptr-system"), ("Role", "dptr-system"), ("RoleBinding", "dptr-system"),
         ("Role", NS_A), ("RoleBinding", NS_A), ("Pod", "dptr-system"),
     }  # fmt: skip
     rules = {d["metadata"]["namespace"]: d["rules"] for d in hooks if d["kind"] == "Role"}
     assert rules["dptr-system"] == [
-        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["rel-dptr"], "verbs": ["get"]}
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": ["rel-dptr"],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": ["dptr.dev"],
+            "resources": ["taskrunners"],
+            "resourceNames": ["local"],
+            "verbs": ["get"],
+        },
     ]
     assert rules[NS_A] == [
         {
@@ -394,11 +414,16 @@ def test_the_install_check_may_read_only_what_it_checks(helm: Helm) -> None:
     pod = next(d for d in hooks if d["kind"] == "Pod")
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["dptr-install-check"]
-    assert (
-        f"--taskrunner={NS_A}/etl" in container["args"]
-        and f"--taskrunner={NS_A}/nightly" in container["args"]
-    )
+    assert {
+        f"--taskrunner={NS_A}/etl",
+        f"--taskrunner={NS_A}/nightly",
+        "--taskrunner=dptr-system/local",
+    } <= set(container["args"])
     assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["nodeSelector"] == {"pool": "system"}
+    # Without TaskRunners: the Deployment's rule only (never an empty resourceNames).
+    alone = [d for d in helm.render(release="rel") if _is_test_hook(d) and d["kind"] == "Role"]
+    assert [r["resources"] for r in alone[0]["rules"]] == [["deployments"]] and len(alone) == 1
     assert not [d for d in helm.render(values={"installCheck": {"enabled": False}}) if _is_test_hook(d)]
 
 

@@ -48,6 +48,7 @@ FAST_RULES: dict[str, Any] = {
                     "DptrTwoLeaders",
                     "DptrLeaderFlapping",
                     "DptrPollErrors",
+                    "DptrNotPolling",
                     "DptrTaskRunnerNotReady",
                     "DptrHeartbeatNearTimeout",
                     "DptrSetTaskStatusFailures",
@@ -138,7 +139,10 @@ def _as_grafana_would(expr: str, namespace: str) -> str:
     # The dashboard's variables, as Grafana substitutes them: one namespace selected, all
     # TaskRunners (allValue ".*"), and $__rate_interval at least four scrape intervals.
     return (
-        expr.replace("$namespace", namespace).replace("$taskrunner", ".*").replace("$__rate_interval", "1m")
+        expr.replace("$job", JOB)
+        .replace("$namespace", namespace)
+        .replace("$taskrunner", ".*")
+        .replace("$__rate_interval", "1m")
     )
 
 
@@ -153,7 +157,8 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
     tmp_path: Path,
 ) -> None:
     ns = cluster.namespace
-    # Another holder keeps the Lease: the operator starts as a standby.
+    # Another holder has the Lease for 15 s: the operator starts as a standby, then takes
+    # it over when it expires (a real change of leader: leaseTransitions 0 -> 1).
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     cluster.apply(
         {
@@ -162,7 +167,8 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
             "metadata": {"name": "dptr-operator"},
             "spec": {
                 "holderIdentity": "someone-else",
-                "leaseDurationSeconds": 3600,
+                "leaseDurationSeconds": 15,
+                "leaseTransitions": 0,
                 "acquireTime": now,
                 "renewTime": now,
             },
@@ -181,10 +187,12 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
         fired["DptrNoLeader"] = "a Lease held by another identity"
         _quiet(prom, "DptrOperatorDown")
         _quiet(prom, "DptrTwoLeaders")
-        cluster.testbed.kubectl("delete", "lease", "dptr-operator", "-n", ns)
+        _quiet(prom, "DptrLeaderFlapping")
         wait_for(lambda: not prom.firing("DptrNoLeader"), timeout=60, interval=0.5, what="a leader again")
         wait_firing(prom, "DptrLeaderFlapping")
-        fired["DptrLeaderFlapping"] = "the replica acquiring the Lease (threshold 0 per hour)"
+        lease = json.loads(cluster.testbed.kubectl("get", "lease", "dptr-operator", "-n", ns, "-o", "json"))
+        assert lease["spec"]["leaseTransitions"] == 1 and lease["spec"]["holderIdentity"] == "op-test"
+        fired["DptrLeaderFlapping"] = "the operator taking the expired Lease over (threshold 0 per hour)"
 
         # 2. A good TaskRunner with a task (its pod never runs here: the operator
         #    heartbeats it), and one whose credentials Data Pipeline refuses.

@@ -80,12 +80,14 @@ def test_a_failing_state_source_still_answers_the_scrape() -> None:
     assert not [k for k in got if k[0] == "dptr_taskrunner_ready"]
 
 
-def test_build_info_and_leader_transitions_exist_from_the_start() -> None:
+def test_build_info_and_the_first_failures_series_exist_from_the_start() -> None:
     got = _samples(Metrics())
     info = [labels for name, labels in got if name == "dptr_build_info"]
     assert len(info) == 1 and ("version", VERSION) in info[0]
-    assert got[("dptr_leader_transitions_total", (("transition", "acquired"),))] == 0
-    assert got[("dptr_leader_transitions_total", (("transition", "lost"),))] == 0
+    assert got[("dptr_lease_transitions", ())] == 0
+    # A first SetTaskStatus failure must show as an increase, never as a series born at 1.
+    for reason in ("TransientError", "InvalidCredentials", "Throttled"):
+        assert got[("dptr_api_call_errors_total", (("operation", "SetTaskStatus"), ("reason", reason)))] == 0
 
 
 def test_only_throttling_tries_are_counted_as_throttled() -> None:
@@ -108,13 +110,11 @@ def test_outcomes_are_what_data_pipeline_was_told() -> None:
     assert outcome_status("Failed", None) == "FAILED"
 
 
-def test_a_taskrunners_counters_start_at_zero_and_go_with_it() -> None:
+def test_a_taskrunners_counters_start_at_zero() -> None:
     metrics = Metrics()
     metrics.runner_added("team-a", "etl")
     got = _samples(metrics)
     assert got[("dptr_tasks_polled_total", TR)] == 0
+    assert got[("dptr_operator_outcomes_total", TR)] == 0
     for status in ("FINISHED", "FAILED", "FALSE", "canceled"):
         assert got[("dptr_task_outcomes_total", (("status", status), *TR))] == 0
-    metrics.runner_removed("team-a", "etl")
-    metrics.runner_removed("team-a", "etl")  # twice: no error
-    assert not [k for k in _samples(metrics) if TR[0] in k[1]]
