@@ -462,8 +462,59 @@ def build_project_image(
         f"podman build of {image.tag}",
         cwd=root,
     )
+    want = meta.labels(image.target)
+    if not _labelled(image.tag, want):
+        _restamp(podman, image.tag, want)
     _log(f"{image.tag} built in {time.monotonic() - started:.0f}s")
     return image.tag
+
+
+def _restamp(podman: str, tag: str, labels: dict[str, str]) -> None:
+    """Give ``tag`` its own labels and annotations in a last, uncached step.
+
+    With ``--layers``, buildah keys a LABEL step's cache on the instruction's text before
+    its ``${ARG}`` is expanded, and reuses the last build's step (``--label`` included)
+    when nothing the image copies has changed: a new commit would carry the previous
+    commit's ``org.opencontainers.image.revision``. Docker's BuildKit, which release.yml
+    uses, writes the config anew. The step is a ``FROM`` and a ``LABEL`` (no layer), at
+    the built image's own timestamp so that the same labels make the same image id
+    (``save``'s cache and the real node's imports stay warm).
+    """
+    source = image_id(tag)
+    created = _run(
+        [podman, "image", "inspect", "--format", "{{.Created.Unix}}", source], f"inspect {tag}"
+    ).stdout.strip()
+    containerfile = f"FROM {source}\nLABEL " + " \\\n      ".join(
+        f"{key}={json.dumps(value)}" for key, value in labels.items()
+    )
+    annotations = [arg for key, value in labels.items() for arg in ("--annotation", f"{key}={value}")]
+    with tempfile.TemporaryDirectory(prefix="dptr-restamp-") as tmp:
+        (Path(tmp) / "Containerfile").write_text(containerfile + "\n")
+        _run(
+            [
+                podman,
+                "build",
+                "--no-cache",
+                "--pull=never",
+                "--timestamp",
+                created,
+                *annotations,
+                "-t",
+                tag,
+                "-f",
+                "Containerfile",
+                ".",
+            ],
+            f"podman build (labels) of {tag}",
+            cwd=tmp,
+        )
+    if not _labelled(tag, labels):
+        raise ImageBuildError(f"{tag} was labelled {image_labels(tag)}, not {labels}")
+
+
+def _labelled(tag: str, labels: dict[str, str]) -> bool:
+    """Whether ``tag`` carries ``labels`` (buildah adds io.buildah.version of its own)."""
+    return image_labels(tag).items() >= labels.items()
 
 
 def image_id(tag: str) -> str:

@@ -172,3 +172,29 @@ def test_the_real_nodes_images_carry_the_oci_labels(real_bed: RealBed) -> None:
     }
     if (REPO / ".git").exists():  # a checkout's revision is never "unknown"
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", meta.revision), meta.revision
+
+
+@pytest.mark.realnode
+@pytest.mark.timeout(600)
+def test_a_rebuild_with_nothing_changed_takes_the_new_revision(real_bed: RealBed) -> None:
+    """Two commits that change nothing the image copies (a doc, a test): podman's layer
+    cache has the whole image, LABEL step included, from the first; the second must still
+    say its own revision. The real node's images are built already, so both builds here
+    come from the cache (a few seconds each), under a tag of this test's own."""
+    image = images.ProjectImage("localhost/dptr-relabel-test:dev", "sidecar")
+    ca = images.default_ca_bundle()
+    try:
+        ids = []
+        for revision in ("1" * 40, "2" * 40, "1" * 40):
+            meta = images.ImageMetadata(VERSION, revision)
+            images.build_project_image(image, ca, meta)
+            want = meta.labels(image.target)
+            labels = images.image_labels(image.tag)
+            assert {k: labels.get(k) for k in want} == want, revision
+            annotations = images.image_annotations(image.tag)
+            assert {k: annotations.get(k) for k in want} == want, revision
+            ids.append(images.image_id(image.tag))
+        # The same labels on the same layers make the same image: archives stay cached.
+        assert ids[0] == ids[2] != ids[1]
+    finally:
+        subprocess.run(["podman", "rmi", "--force", image.tag], capture_output=True, check=False)
