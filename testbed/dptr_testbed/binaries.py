@@ -207,36 +207,37 @@ def _build_etcd(out: Path, env: dict[str, str]) -> None:
         )
 
 
-def _build_helm(out: Path, env: dict[str, str]) -> None:
-    with tempfile.TemporaryDirectory(prefix="dptr-helm-build-") as tmp:
-        work = Path(tmp)
-        benv = dict(env, GOBIN=str(out))
-        ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
+def _go_install(package: str, version_var: str, version: str, out: Path, env: dict[str, str]) -> None:
+    """``go install package`` into ``out``, stamping ``version`` into ``version_var`` as
+    the tool's own release builds do (its ``version`` command prints it)."""
+    with tempfile.TemporaryDirectory(prefix="dptr-go-install-") as tmp:
+        ldflags = f"-s -w -X {version_var}={version}"
         _run(
-            [_go(), "install", "-trimpath", "-ldflags", ldflags, f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"],
-            work,
-            benv,
+            [_go(), "install", "-trimpath", "-ldflags", ldflags, package],
+            Path(tmp),
+            dict(env, GOBIN=str(out)),
         )
+
+
+def _build_helm(out: Path, env: dict[str, str]) -> None:
+    _go_install(
+        f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
+        "helm.sh/helm/v3/internal/version.version",
+        HELM_VERSION,
+        out,
+        env,
+    )
 
 
 def _build_actionlint(out: Path, env: dict[str, str]) -> None:
-    with tempfile.TemporaryDirectory(prefix="dptr-actionlint-build-") as tmp:
-        work = Path(tmp)
-        benv = dict(env, GOBIN=str(out))
-        # The variable upstream's release builds set (to the version without its "v").
-        ldflags = f"-s -w -X github.com/rhysd/actionlint.version={ACTIONLINT_VERSION.removeprefix('v')}"
-        _run(
-            [
-                _go(),
-                "install",
-                "-trimpath",
-                "-ldflags",
-                ldflags,
-                f"github.com/rhysd/actionlint/cmd/actionlint@{ACTIONLINT_VERSION}",
-            ],
-            work,
-            benv,
-        )
+    # actionlint's release builds set the version without its "v".
+    _go_install(
+        f"github.com/rhysd/actionlint/cmd/actionlint@{ACTIONLINT_VERSION}",
+        "github.com/rhysd/actionlint.version",
+        ACTIONLINT_VERSION.removeprefix("v"),
+        out,
+        env,
+    )
 
 
 def actionlint_is_current(path: Path) -> bool:
