@@ -3,7 +3,7 @@
 It checks, in this order, that an install works:
 
 1. the CRDs are served (API discovery lists ``taskrunners`` and ``pipelinetasks``);
-2. the operator's Deployment has a ready replica;
+2. the operator's Deployment has rolled out (as ``kubectl rollout status`` waits for);
 3. each TaskRunner named is Ready, or Degraded with a reason (a TaskRunner that is
    Degraded answers the question "is dptr installed": yes, and here is what is wrong
    with this runner, which the operator's condition says).
@@ -54,27 +54,32 @@ def check_deployment(kube: KubeClient, namespace: str, name: str) -> Check:
         return Check(False, f"the operator Deployment {namespace}/{name} does not exist")
     status = deployment.get("status") or {}
     spec_replicas = int((deployment.get("spec") or {}).get("replicas", 1))
-    ready, updated = int(status.get("readyReplicas") or 0), int(status.get("updatedReplicas") or 0)
     generation = int((deployment.get("metadata") or {}).get("generation") or 0)
     observed = int(status.get("observedGeneration") or 0)
-    # A ready pod of the old ReplicaSet during a broken rollout is not a working install:
-    # the controller must have seen this generation, and a pod of it must be ready.
-    if ready >= 1 and updated >= 1 and observed >= generation:
-        return Check(
-            True, f"the operator Deployment {namespace}/{name} has {ready}/{spec_replicas} ready replicas"
-        )
+    total, updated = int(status.get("replicas") or 0), int(status.get("updatedReplicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    where = f"the operator Deployment {namespace}/{name}"
+    if spec_replicas < 1:
+        return Check(False, f"{where} is scaled to 0 replicas")
+    # What `kubectl rollout status` waits for: the controller has seen this generation,
+    # every replica is of it, no old one is left, and the new ones are available. A
+    # ready pod of the old ReplicaSet beside a crash-looping new one (maxUnavailable 0
+    # keeps the old pod) is a broken upgrade, not a working install.
+    if observed < generation:
+        problem = f"the controller has not seen generation {generation} yet (observed {observed})"
+    elif updated < spec_replicas:
+        problem = f"{updated}/{spec_replicas} replicas are of the current spec"
+    elif total > updated:
+        problem = f"pods of an older spec still run ({total - updated} of {total})"
+    elif available < updated:
+        problem = f"{available}/{updated} replicas of the current spec are available"
+    else:
+        return Check(True, f"{where} has {available}/{spec_replicas} available replicas of its current spec")
     why = "; ".join(
         f"{c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')}".strip()
         for c in status.get("conditions") or []
     )
-    if ready >= 1:
-        what = f"{updated} of them of its current spec (generation {generation}, observed {observed})"
-        return Check(False, f"the operator Deployment {namespace}/{name} has {ready} ready replicas, {what}")
-    return Check(
-        False,
-        f"the operator Deployment {namespace}/{name} has 0/{spec_replicas} ready replicas"
-        + (f" ({why})" if why else ""),
-    )
+    return Check(False, f"{where}: {problem}" + (f" ({why})" if why else ""))
 
 
 def check_taskrunner(kube: KubeClient, namespace: str, name: str) -> Check:

@@ -276,9 +276,10 @@ def test_helm_test_checks_crds_operator_and_taskrunners(
     # The operator's pod cannot start on the stand-in (no image entrypoint): helm test fails.
     failed = bed_helm.run("test", release, "-n", rel_ns, "--logs", check=False)
     assert failed.returncode != 0
-    assert f"FAIL  the operator Deployment {rel_ns}/{full} has 0/1 ready replicas" in failed.stdout, (
-        failed.stdout
-    )
+    assert (
+        f"FAIL  the operator Deployment {rel_ns}/{full}: 0/1 replicas of the current spec are available"
+        in failed.stdout
+    ), failed.stdout
     assert "ok    the CRDs are served" in failed.stdout
 
     # The image's ENTRYPOINT as the command, which the stand-in needs: now it runs.
@@ -324,4 +325,28 @@ def test_helm_test_checks_crds_operator_and_taskrunners(
         "get", "pod", f"{full}-install-check", "-n", rel_ns, "-o", "jsonpath={.status.phase}"
     )
     assert phase == "Succeeded"
+
+    # A broken upgrade: the new pod cannot start, the old one stays ready (maxUnavailable
+    # 0). A ready replica is not enough: helm test fails until the rollout completes.
+    bed_helm.run(
+        "upgrade", release, str(CHART), "-n", rel_ns, "--reuse-values", "--set", "installCheck.timeoutSeconds=5"
+    )  # fmt: skip
+    testbed.kubectl(
+        "patch", "deployment", full, "-n", rel_ns, "--type=json",
+        "-p", '[{"op": "replace", "path": "/spec/template/spec/containers/0/command", "value": ["/no/such/dptr"]}]',
+    )  # fmt: skip
+    wait_for(
+        lambda: testbed.kubectl(
+            "get", "deployment", full, "-n", rel_ns,
+            "-o", "jsonpath={.status.replicas}/{.status.updatedReplicas}/{.status.readyReplicas}",
+        ) == "2/1/1",
+        timeout=60,
+        interval=0.5,
+        what="a new pod beside the ready old one",
+    )  # fmt: skip
+    broken = bed_helm.run("test", release, "-n", rel_ns, "--logs", check=False)
+    assert broken.returncode != 0, broken.stdout
+    assert f"FAIL  the operator Deployment {rel_ns}/{full}: pods of an older spec still run (1 of 2)" in (
+        broken.stdout
+    ), broken.stdout
     bed_helm.run("uninstall", release, "-n", rel_ns)
