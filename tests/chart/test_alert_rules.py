@@ -80,7 +80,7 @@ def test_selector_labels_disabled_alerts_and_runbooks(helm: Helm) -> None:
 def test_the_default_selector_follows_the_release_name(helm: Helm) -> None:
     rules = rule_groups(helm.render(release="etl-prod", sets=ENABLED))
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
-    assert all('job="etl-prod-dptr-metrics"' in e for e in exprs), exprs
+    assert all('job="etl-prod-dptr-metrics",namespace="dptr-system"' in e for e in exprs), exprs
 
 
 @pytest.mark.parametrize(
