@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -559,3 +560,31 @@ def test_the_values_schema_describes_task_runners_as_the_crd_does() -> None:
     assert proc.returncode == 0, (
         proc.stderr + "\nrun: .venv/bin/python scripts/generate-values-schema.py\n" + proc.stdout[-4000:]
     )
+
+
+def _dashboard(helm: Helm, **kw: Any) -> dict[str, Any]:
+    docs = helm.render(sets=["metrics.dashboard.enabled=true"], **kw)
+    maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    assert len(maps) == 1, [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
+    return maps[0]
+
+
+def test_the_dashboard_configmap_is_opt_in_labelled_and_the_files_json(helm: Helm) -> None:
+    assert not [d for d in helm.render() if d["metadata"]["name"].endswith("-dashboard")]
+    cm = _dashboard(helm)
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "dptr-system"
+    rendered = json.loads(cm["data"]["dptr.json"])
+    source = json.loads((CHART / "dashboards" / "dptr.json").read_text())
+    assert rendered["uid"] != source["uid"]
+    assert {**rendered, "uid": source["uid"]} == source
+
+
+def test_each_release_has_a_dashboard_uid_of_its_own(helm: Helm) -> None:
+    uids = {
+        json.loads(_dashboard(helm, release=release, namespace=ns)["data"]["dptr.json"])["uid"]
+        for release, ns in (("dptr", "dptr-system"), ("dptr", "team-b"), ("etl", "dptr-system"))
+    }
+    assert len(uids) == 3
+    # The same release renders the same uid: an upgrade keeps Grafana's links and stars.
+    assert json.loads(_dashboard(helm)["data"]["dptr.json"])["uid"] in uids
