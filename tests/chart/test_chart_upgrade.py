@@ -3,7 +3,8 @@ chart never upgrades crds/, and the documented step (NOTES, docs/install.md) doe
 
 Its own control plane because it puts older CRDs in place, which the other tests on the
 shared bed must never see.  The previous chart is read from the repository's history
-(a full clone, as CI's is): the chart of the last release before this CRD change.
+(a full clone: ci.yml checks out with fetch-depth 0): the last chart before this CRD
+change. No version of dptr is released yet, so that chart is a commit, not a tag.
 """
 
 from __future__ import annotations

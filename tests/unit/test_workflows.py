@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dptr_testbed import binaries
 
@@ -94,3 +95,13 @@ def test_a_broken_workflow_fails_actionlint(actionlint: Path, tmp_path: Path, ca
     # 1: problems found (2 and 3 are usage and fatal errors, which would prove nothing).
     assert result.returncode == 1, f"actionlint exit {result.returncode}:\n{result.stdout}{result.stderr}"
     assert message in result.stdout, result.stdout
+
+
+def test_ci_checks_out_the_whole_history() -> None:
+    """tests/chart/test_chart_upgrade.py installs the previous chart from a commit, and
+    the images' revision label is HEAD: a shallow clone (checkout's default) fails both."""
+    ci = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())
+    steps = ci["jobs"]["test"]["steps"]
+    checkout = [s for s in steps if str(s.get("uses", "")).startswith("actions/checkout@")]
+    assert len(checkout) == 1
+    assert checkout[0]["with"]["fetch-depth"] == 0
