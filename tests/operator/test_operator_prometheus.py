@@ -62,6 +62,7 @@ FAST_RULES: dict[str, Any] = {
                 "throttledPerSecond": 0,
                 "fallbackReportsPer15m": 0,
                 "leaderTransitionsPerHour": 0,
+                "notPollingSeconds": 60,  # the least the schema takes
             },
         }
     }
@@ -225,7 +226,19 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
         fired["DptrThrottled"] = "PollForTask throttled (ThrottlingException)"
         datapipeline.set_fault("PollForTask")
 
-        # 5. The operator reports an outcome itself (the TaskRunner is deleted under its
+        # 5. Polls that get no answer, and no error either: PollForTask answers after 75 s,
+        #    within the client's 100 s read timeout and past notPollingSeconds (60).
+        _quiet(prom, "DptrNotPolling")
+        datapipeline.set_fault("PollForTask", latency=75)
+        stuck = wait_firing(prom, "DptrNotPolling", timeout=120)
+        assert "runner" in {a["labels"]["taskrunner"] for a in stuck}, stuck
+        fired["DptrNotPolling"] = "PollForTask answering after 75 s (no answered poll for 60 s, no error)"
+        datapipeline.set_fault("PollForTask")
+        wait_for(
+            lambda: not prom.firing("DptrNotPolling"), timeout=90, interval=0.5, what="polls answered again"
+        )
+
+        # 6. The operator reports an outcome itself (the TaskRunner is deleted under its
         #    task) while SetTaskStatus fails, then succeeds.  Another TaskRunner keeps
         #    polling for the dashboard.
         cluster.create_runner(datapipeline, "wg-steady", name="steady")
@@ -243,7 +256,7 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
         record = next(r for r in datapipeline.ledger.attempts.values() if r.pipeline_id == pipeline)
         assert (record.outcome, record.error_id) == ("FAILED", "dptr.TaskRunnerDeleted")
 
-        # 6. Every panel of the dashboard has data from what just happened.
+        # 7. Every panel of the dashboard has data from what just happened.
         time.sleep(2)  # one more scrape after the last outcome
         empty = []
         for title, expr in _dashboard_queries():
@@ -251,7 +264,7 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
                 empty.append(f"{title}: {expr}")
         assert not empty, "panels without data:\n  " + "\n  ".join(empty)
 
-        # 7. The operator goes away.
+        # 8. The operator goes away.
         _quiet(prom, "DptrOperatorDown")
         operator.stop()
         wait_firing(prom, "DptrOperatorDown")
