@@ -226,13 +226,16 @@ def test_alerts_fire_on_real_faults_and_every_dashboard_panel_has_data(
         fired["DptrThrottled"] = "PollForTask throttled (ThrottlingException)"
         datapipeline.set_fault("PollForTask")
 
-        # 5. Polls that get no answer, and no error either: PollForTask answers after 75 s,
-        #    within the client's 100 s read timeout and past notPollingSeconds (60).
+        # 5. Polls that get no answer, and no error either: PollForTask answers after 80 s,
+        #    within the client's 100 s read timeout and past notPollingSeconds (60). The
+        #    metric is the newer of a TaskRunner's two pollers' answers; both start their
+        #    slow poll within a long poll (0.9 s here) of the fault, so the alert has some
+        #    20 s in which neither has been answered.
         _quiet(prom, "DptrNotPolling")
-        datapipeline.set_fault("PollForTask", latency=75)
+        datapipeline.set_fault("PollForTask", latency=80)
         stuck = wait_firing(prom, "DptrNotPolling", timeout=120)
         assert "runner" in {a["labels"]["taskrunner"] for a in stuck}, stuck
-        fired["DptrNotPolling"] = "PollForTask answering after 75 s (no answered poll for 60 s, no error)"
+        fired["DptrNotPolling"] = "PollForTask answering after 80 s (no answered poll for 60 s, no error)"
         datapipeline.set_fault("PollForTask")
         wait_for(
             lambda: not prom.firing("DptrNotPolling"), timeout=90, interval=0.5, what="polls answered again"
