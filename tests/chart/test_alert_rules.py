@@ -81,6 +81,9 @@ def test_the_default_selector_follows_the_release_name(helm: Helm) -> None:
     rules = rule_groups(helm.render(release="etl-prod", sets=ENABLED))
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
     assert all('job="etl-prod-dptr-metrics",namespace="dptr-system"' in e for e in exprs), exprs
+    elsewhere = rule_groups(helm.render(release="etl-prod", namespace="team-x", sets=ENABLED))
+    exprs = [r["expr"] for g in elsewhere["groups"] for r in g["rules"]]
+    assert all('job="etl-prod-dptr-metrics",namespace="team-x"' in e for e in exprs), exprs
 
 
 @pytest.mark.parametrize(
