@@ -179,7 +179,7 @@ def test_the_real_nodes_images_carry_the_oci_labels(real_bed: RealBed) -> None:
 def test_a_rebuild_with_nothing_changed_takes_the_new_revision(real_bed: RealBed) -> None:
     """Two commits that change nothing the image copies (a doc, a test): podman's layer
     cache has the whole image, LABEL step included, from the first; the second must still
-    say its own revision. The real node's images are built already, so both builds here
+    say its own revision. The real node's images are built already, so the builds here
     come from the cache (a few seconds each), under a tag of this test's own."""
     image = images.ProjectImage("localhost/dptr-relabel-test:dev", "sidecar")
     ca = images.default_ca_bundle()

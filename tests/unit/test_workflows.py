@@ -98,8 +98,8 @@ def test_a_broken_workflow_fails_actionlint(actionlint: Path, tmp_path: Path, ca
 
 
 def test_ci_checks_out_the_whole_history() -> None:
-    """tests/chart/test_chart_upgrade.py installs the previous chart from a commit, and
-    the images' revision label is HEAD: a shallow clone (checkout's default) fails both."""
+    """tests/chart/test_chart_upgrade.py installs the previous chart from a commit: a
+    shallow clone (checkout's default) does not have it."""
     ci = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())
     steps = ci["jobs"]["test"]["steps"]
     checkout = [s for s in steps if str(s.get("uses", "")).startswith("actions/checkout@")]
