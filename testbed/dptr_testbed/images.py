@@ -481,9 +481,7 @@ def _restamp(podman: str, tag: str, labels: dict[str, str]) -> None:
     (``save``'s cache and the real node's imports stay warm).
     """
     source = image_id(tag)
-    created = _run(
-        [podman, "image", "inspect", "--format", "{{.Created.Unix}}", source], f"inspect {tag}"
-    ).stdout.strip()
+    created = _inspect(source, "{{.Created.Unix}}")
     containerfile = f"FROM {source}\nLABEL " + " \\\n      ".join(
         f"{key}={json.dumps(value)}" for key, value in labels.items()
     )
@@ -517,13 +515,17 @@ def _labelled(tag: str, labels: dict[str, str]) -> bool:
     return image_labels(tag).items() >= labels.items()
 
 
+def _inspect(tag: str, template: str) -> str:
+    """``podman image inspect --format template tag``, stripped."""
+    return _run(["podman", "image", "inspect", "--format", template, tag], f"inspect {tag}").stdout.strip()
+
+
 def image_id(tag: str) -> str:
-    return _run(["podman", "image", "inspect", "--format", "{{.Id}}", tag], f"inspect {tag}").stdout.strip()
+    return _inspect(tag, "{{.Id}}")
 
 
 def image_size(tag: str) -> int:
-    out = _run(["podman", "image", "inspect", "--format", "{{.Size}}", tag], f"inspect {tag}").stdout
-    return int(out.strip())
+    return int(_inspect(tag, "{{.Size}}"))
 
 
 def save(tag: str) -> Path:
@@ -594,16 +596,14 @@ def build_release_images(
 
 def image_labels(tag: str) -> dict[str, str]:
     """The labels in ``tag``'s config, as ``podman image inspect`` shows them."""
-    out = _run(["podman", "image", "inspect", "--format", "{{json .Labels}}", tag], f"inspect {tag}").stdout
+    out = _inspect(tag, "{{json .Labels}}")
     labels: dict[str, str] = json.loads(out) or {}
     return labels
 
 
 def image_annotations(tag: str) -> dict[str, str]:
     """The annotations of ``tag``'s manifest, as ``podman image inspect`` shows them."""
-    out = _run(
-        ["podman", "image", "inspect", "--format", "{{json .Annotations}}", tag], f"inspect {tag}"
-    ).stdout
+    out = _inspect(tag, "{{json .Annotations}}")
     annotations: dict[str, str] = json.loads(out) or {}
     return annotations
 
