@@ -758,11 +758,13 @@ def check(h: Harness, seconds: float) -> None:
 
     print(summary(h, tasks, seconds, excused, tally), flush=True)
     if problems:
+        listed = "\n  ".join(problems)
+        # The problems go last as well: a CI log that keeps only the head and tail of a long
+        # failure still shows what broke, not just the chaos schedule.
         raise AssertionError(
-            "exactly-once does not hold under chaos:\n  "
-            + "\n  ".join(problems)
-            + "\n"
+            f"exactly-once does not hold under chaos:\n  {listed}\n"
             + dump(h, offending | {v.attempt_id for v in ledger.violations if v.attempt_id})
+            + f"\nexactly-once does not hold under chaos ({len(problems)} problems):\n  {listed}"
         )
 
 
