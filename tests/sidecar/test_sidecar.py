@@ -52,7 +52,12 @@ def test_exit_0_reports_finished(harness: SidecarHarness, datapipeline: LocalDat
     assert set_task_status_calls(datapipeline, running) == 1
     status = running.status()
     assert status["phase"] == "Succeeded" and status["exitCode"] == 0
-    assert any(e["reason"] == "Reported" for e in running.events())
+    # The Event follows the PipelineTask's report (the record of truth) with its own write.
+    wait_for(
+        lambda: any(e["reason"] == "Reported" for e in running.events()),
+        timeout=15,
+        what="the Reported Event",
+    )
 
 
 def test_the_sidecar_exits_by_itself_once_it_has_reported(
@@ -123,7 +128,11 @@ def test_cancel_mid_run(harness: SidecarHarness, datapipeline: LocalDataPipeline
         wait_for(lambda: not running.pods(), timeout=90, what="the pod gone")
         status = running.status()
         assert status["phase"] == "Canceled" and status["canceled"]["by"].startswith("sidecar/")
-        assert any(e["reason"] == "Canceled" for e in running.events())
+        wait_for(
+            lambda: any(e["reason"] == "Canceled" for e in running.events()),
+            timeout=15,
+            what="the Canceled Event",
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{dump(running)}") from exc
     finish(datapipeline, running, "CANCELED")
