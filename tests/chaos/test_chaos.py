@@ -40,6 +40,7 @@ import collections
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import random
 import signal
@@ -103,6 +104,10 @@ MID_UPLOAD_KILLS = 8
 #: Bounds (real seconds).
 WORK_TIMEOUT = 1500.0
 SETTLE_TIMEOUT = 200.0
+#: Longer than the test can last, scaled. It was 2 hours (720 s scaled): a CI run whose work
+#: took 730 s then got each failure's retry 720 s after it, new work arriving until the
+#: work timed out at 1500 s.
+RETRY_DELAY = f"{math.ceil((WORK_TIMEOUT + SETTLE_TIMEOUT) / TIME_SCALE / 3600) + 1} hours"
 QUOTA_SECONDS = 6.0
 #: Excuse windows for a reassigned attempt without a PipelineTask (see the docstring).
 KILL_WINDOW, API_WINDOW = 3.0, 2.0
@@ -553,9 +558,9 @@ def test_exactly_once_under_chaos(bed: controlplane.Testbed, tmp_path: Path, s3_
         harness.errors_on()
         harness.log.note("faults", f"{ERROR_RATE:.0%} InternalServiceError on {', '.join(FAULTED_OPS)}")
         # Pipelines of 20 activities; failures are not retried within the test (retryDelay
-        # 2 h, scaled 12 min) but a lost attempt would be offered again at once.
+        # outlasts it) but a lost attempt would be offered again at once.
         for chunk in range(0, len(activities), 20):
-            objects: dict[str, Any] = {"Default": {"maximumRetries": "1", "retryDelay": "120 minutes"}}
+            objects: dict[str, Any] = {"Default": {"maximumRetries": "1", "retryDelay": RETRY_DELAY}}
             for activity in activities[chunk : chunk + 20]:
                 objects[activity.name] = activity.fields
                 objects.update(activity.extra_objects)
