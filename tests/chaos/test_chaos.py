@@ -584,7 +584,8 @@ def run_chaos(h: Harness, plan: list[tuple[float, str, float]]) -> None:
     last_progress = ""
     while not h.work_done():
         if time.monotonic() > deadline:
-            raise AssertionError(f"the work did not end within {WORK_TIMEOUT:.0f}s\n" + dump(h))
+            why = f"the work did not end within {WORK_TIMEOUT:.0f}s ({h.finished_fraction():.0%} of activities ended)"
+            raise AssertionError(f"{why}\n{dump(h)}\n{why}")  # last as well, as check() does
         fraction = h.finished_fraction()
         while plan and plan[0][0] <= fraction:
             _, action, param = plan.pop(0)
